@@ -1,0 +1,204 @@
+"""Ignite workflows of the bundle: the contrastive trainer and evaluator, built on `monai.engines`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from ignite.metrics import Metric
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines.utils import IterationEvents, default_metric_cmp_fn
+from monai.inferers import Inferer
+from monai.utils.enums import CommonKeys as Keys
+from torch.utils.data import DataLoader
+
+from .losses import gather_keys, gather_with_grad, pair_keys, positive_groups
+
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# parameters that are tables or scales rather than weights: never weight-decayed
+NO_DECAY_NAMES = ("pos_z", "pos_y", "pos_x", "cls_token", "region_embedding", "slice_bias", "log_logit_scale")
+
+
+def parameter_groups(model: torch.nn.Module, lr: float, text_lr: float, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups of a `CTReportCLIP`.
+
+    The pretrained text transformer (``text_encoder.model``) learns at ``text_lr``, everything else at
+    ``lr``. Weight decay applies to weight matrices and kernels only: not to biases, norms, positional
+    tables, the CLS token, region embeddings, the slice-bias table or the logit scale. Frozen parameters
+    are left out.
+    """
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_text = name.startswith("text_encoder.model.")
+        decay = param.ndim >= 2 and not name.endswith(NO_DECAY_NAMES)
+        groups.setdefault((is_text, decay), []).append(param)
+    return [
+        {"params": params, "lr": text_lr if is_text else lr, "weight_decay": weight_decay if decay else 0.0}
+        for (is_text, decay), params in groups.items()
+    ]
+
+
+def lower_is_better(current: float, best: float) -> bool:
+    """``metric_cmp_fn`` for a non-negative metric where lower is better (MONAI starts ``best`` at -1)."""
+    return best < 0 or current < best
+
+
+def _autocast_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast_dtype must be one of {tuple(AUTOCAST_DTYPES)} or None, got {name!r}")
+    return AUTOCAST_DTYPES[name]
+
+
+def _contrastive_batch(batchdata: dict, device: torch.device, non_blocking: bool) -> tuple:
+    """``(image (B, 2, D, H, W), texts, keys (B, 2))`` of a collated batch with image, text and study."""
+    if batchdata is None:
+        raise ValueError("Must provide batch data for current iteration.")
+    image = batchdata[Keys.IMAGE]
+    image = image.as_tensor() if hasattr(image, "as_tensor") else image
+    texts = list(batchdata["text"])
+    return image.to(device, non_blocking=non_blocking), texts, pair_keys(batchdata["study"], texts)
+
+
+class ContrastiveTrainer(SupervisedTrainer):
+    """`SupervisedTrainer` whose iteration is one contrastive step on (CT, report) pairs.
+
+    ``network`` is a `CTReportCLIP`; each batch carries ``image`` (packed CT + label map), ``text`` and
+    ``study``. The step embeds both sides, gathers them across DDP ranks with gradients, marks pairs of
+    one study or one identical report as positives of each other, and applies ``loss_function``
+    (`ContrastiveInfoNCELoss`). ``engine.state.output`` holds ``Keys.LOSS`` and the detached
+    embeddings; the parent's `IterationEvents` fire as usual. The other arguments are the parent's.
+
+    Args:
+        autocast_dtype: ``"bfloat16"``, ``"float16"`` (with a gradient scaler) or ``None`` (float32).
+        max_grad_norm: clip the global gradient norm to this value; ``None`` disables clipping.
+
+    Raises:
+        ValueError: unknown ``autocast_dtype``; a batch that is ``None``.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: DataLoader,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_function: Callable,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        inferer: Inferer | None = None,
+        train_handlers: Sequence | None = None,
+        key_train_metric: dict[str, Metric] | None = None,
+        metric_cmp_fn: Callable | None = None,
+        optim_set_to_none: bool = True,
+        autocast_dtype: str | None = None,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        device = torch.device(device)
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=loss_function,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            inferer=inferer,
+            train_handlers=train_handlers,
+            key_train_metric=key_train_metric,
+            metric_cmp_fn=metric_cmp_fn or default_metric_cmp_fn,
+            decollate=False,
+            optim_set_to_none=optim_set_to_none,
+        )
+        self.autocast_dtype = _autocast_dtype(autocast_dtype)
+        self.max_grad_norm = max_grad_norm
+        self.grad_scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
+
+    def _iteration(self, engine: ContrastiveTrainer, batchdata: dict) -> dict:
+        image, texts, keys = _contrastive_batch(batchdata, engine.state.device, engine.non_blocking)
+        engine.state.output = {Keys.IMAGE: image, Keys.LABEL: None}
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        device_type = torch.device(engine.state.device).type
+        with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out = engine.inferer(image, engine.network, texts)
+            image_emb = out["image_features"]["global_embedding"]
+            engine.state.output[Keys.PRED] = {"image_embedding": image_emb.detach(), "text_embedding": out["text_embedding"].detach()}
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            groups = positive_groups(gather_keys(keys.to(image.device)))
+            loss = engine.loss_function(
+                gather_with_grad(image_emb), gather_with_grad(out["text_embedding"]), out["logit_scale"], groups
+            )
+        engine.state.output[Keys.LOSS] = loss
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        self.grad_scaler.scale(loss).backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if self.max_grad_norm is not None:
+            self.grad_scaler.unscale_(engine.optimizer)
+            torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_grad_norm)
+        self.grad_scaler.step(engine.optimizer)
+        self.grad_scaler.update()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+class ContrastiveEvaluator(SupervisedEvaluator):
+    """`SupervisedEvaluator` that embeds (CT, report) pairs for retrieval metrics.
+
+    ``engine.state.output`` holds ``image_embedding (B, E)``, ``text_embedding (B, E)`` and ``keys``
+    ``(B, 2)`` (study and report keys, see `scripts.losses.pair_keys`), the input of
+    `scripts.metrics.RetrievalRecall`. The network runs in eval mode without gradients. The other
+    arguments are the parent's.
+
+    Args:
+        autocast_dtype: ``"bfloat16"``, ``"float16"`` or ``None`` (float32).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        val_data_loader: DataLoader,
+        network: torch.nn.Module,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        inferer: Inferer | None = None,
+        key_val_metric: dict[str, Metric] | None = None,
+        additional_metrics: dict[str, Metric] | None = None,
+        val_handlers: Sequence | None = None,
+        autocast_dtype: str | None = None,
+    ) -> None:
+        super().__init__(
+            device=torch.device(device),
+            val_data_loader=val_data_loader,
+            network=network,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            inferer=inferer,
+            key_val_metric=key_val_metric,
+            additional_metrics=additional_metrics,
+            val_handlers=val_handlers,
+            decollate=False,
+        )
+        self.autocast_dtype = _autocast_dtype(autocast_dtype)
+
+    def _iteration(self, engine: ContrastiveEvaluator, batchdata: dict) -> dict:
+        image, texts, keys = _contrastive_batch(batchdata, engine.state.device, engine.non_blocking)
+        device_type = torch.device(engine.state.device).type
+        with engine.mode(engine.network):
+            with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                out = engine.inferer(image, engine.network, texts)
+        engine.state.output = {
+            Keys.IMAGE: image,
+            "image_embedding": out["image_features"]["global_embedding"].float(),
+            "text_embedding": out["text_embedding"].float(),
+            "keys": keys,
+        }
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output

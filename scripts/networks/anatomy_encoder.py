@@ -1,0 +1,90 @@
+"""Anatomy encoder: a TotalSegmentator label map -> soft patch-to-region assignment and region tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class AnatomyEncoder(nn.Module):
+    """Turn a TotalSegmentator v2 label map into per-patch region fractions and region tokens.
+
+    The label map is remapped to ``R + 1`` classes (0 background, regions ``1..R``) through a lookup
+    table; each patch's assignment is the fraction of its voxels in each class, counted with a
+    scatter-add over the patch's voxels (never a one-hot of the 118 TotalSegmentator classes).
+    Region tokens are ``region_embedding[r] + sum_n w[n, r] x[n] / max(sum_n w[n, r], eps)``: the
+    assignment-weighted mean of patch features plus a learned embedding of the region's identity.
+    An absent region has all weights 0, so its token is its embedding alone, never NaN.
+
+    The lookup table is a persistent buffer, so a checkpoint carries the region map it was trained with.
+
+    Args:
+        region_class_ids: ``R`` lists of TotalSegmentator v2 label ids, one per region (from
+            `scripts.anatomy_regions.load_region_map`).
+        embed_dim: token width ``C``.
+        patch_size: ``(pz, py, px)`` voxels per patch, slice axis first.
+        num_classes: size of the label-id space (118 for TotalSegmentator v2: ids 0..117). Ids outside
+            ``[0, num_classes)`` count as background.
+
+    Raises:
+        ValueError: a label id outside ``[1, num_classes)`` in ``region_class_ids``, or listed twice.
+    """
+
+    def __init__(
+        self,
+        region_class_ids: Sequence[Sequence[int]],
+        embed_dim: int,
+        patch_size: Sequence[int],
+        num_classes: int = 118,
+    ) -> None:
+        super().__init__()
+        lookup = torch.zeros(num_classes, dtype=torch.long)
+        for region, ids in enumerate(region_class_ids, start=1):
+            for label_id in ids:
+                if not 0 < int(label_id) < num_classes:
+                    raise ValueError(f"region {region}: label id {label_id} is outside [1, {num_classes})")
+                if lookup[int(label_id)] != 0:
+                    raise ValueError(f"label id {label_id} is in regions {int(lookup[int(label_id)])} and {region}")
+                lookup[int(label_id)] = region
+        self.register_buffer("class_to_region", lookup)
+        self.num_regions = len(region_class_ids)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.region_embedding = nn.Parameter(torch.randn(self.num_regions, embed_dim) * 0.02)
+
+    def assign(self, label_map: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Soft patch-to-region assignment of a label map.
+
+        Args:
+            label_map: ``(B, 1, D, H, W)`` TotalSegmentator v2 label ids (any dtype; rounded).
+
+        Returns:
+            ``patch_to_region (B, N, R)``: fraction of each patch's voxels in each region;
+            ``background_fraction (B, N)``: the rest, so ``[patch_to_region, background_fraction]`` rows
+            sum to 1; ``region_present (B, R)``: regions with at least one voxel.
+        """
+        b = label_map.shape[0]
+        pz, py, px = self.patch_size
+        d, h, w = label_map.shape[2:]
+        ids = label_map.round().long()
+        outside = (ids < 0) | (ids >= self.class_to_region.numel())  # unknown ids count as background
+        regions = self.class_to_region[ids.clamp(0, self.class_to_region.numel() - 1)].masked_fill(outside, 0)
+        # (B, 1, D, H, W) -> (B, Z, pz, Y, py, X, px) -> (B, Z, Y, X, pz, py, px) -> (B*N, P)
+        patches = regions.view(b, d // pz, pz, h // py, py, w // px, px).permute(0, 1, 3, 5, 2, 4, 6)
+        patches = patches.reshape(-1, pz * py * px)
+        counts = torch.zeros(patches.shape[0], self.num_regions + 1, device=label_map.device)
+        counts.scatter_add_(1, patches, torch.ones_like(patches, dtype=counts.dtype))  # (B*N, R+1)
+        fractions = (counts / patches.shape[1]).view(b, -1, self.num_regions + 1)  # (B, N, R+1)
+        return {
+            "patch_to_region": fractions[..., 1:],
+            "background_fraction": fractions[..., 0],
+            "region_present": counts.view(b, -1, self.num_regions + 1)[..., 1:].sum(1) > 0,
+        }
+
+    def region_tokens(self, patches: torch.Tensor, patch_to_region: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+        """Region tokens ``(B, R, C)`` from patch features ``(B, N, C)`` and assignment ``(B, N, R)``."""
+        weights = patch_to_region.to(patches.dtype)
+        pooled = torch.einsum("bnr,bnc->brc", weights, patches)  # (B, R, C)
+        mass = weights.sum(1).clamp_min(eps)[..., None]  # (B, R, 1)
+        return self.region_embedding.to(patches.dtype)[None] + pooled / mass

@@ -1,0 +1,78 @@
+"""Pre-norm transformer block: slice-aware self-attention, region cross-attention, MLP."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .region_attention import RegionCrossAttention
+from .slice_attention import SliceAwareSelfAttention
+
+BLOCK_TYPES = ("anatomy", "plain")
+
+
+class TransformerBlock(nn.Module):
+    """One pre-norm encoder block (arXiv:2010.11929 layout, residual around each sub-layer).
+
+    ``"anatomy"`` blocks run slice-aware self-attention, then region-aware cross-attention of the patch
+    tokens to the region tokens, then the MLP. ``"plain"`` blocks are a ViT block (self-attention
+    without slice bias, MLP) and build no cross-attention or bias weights: the ablation baseline.
+
+    Args:
+        embed_dim: token width ``C``.
+        num_heads: heads ``nh``.
+        mlp_ratio: MLP hidden width / ``C``.
+        block_type: ``"anatomy"`` or ``"plain"``.
+        attention_impl: self-attention path, ``"reference"`` or ``"flex"`` (see `slice_attention`).
+        num_slice_buckets: length of the slice-distance bias table.
+
+    Shapes:
+        ``forward(x (B, 1 + N, C), token_slices (1 + N,), regions (B, R, C) | None,
+        patch_to_region (B, N, R) | None) -> (B, 1 + N, C)``; token 0 is the CLS token, which takes no
+        part in the cross-attention. ``regions`` and ``patch_to_region`` are needed by anatomy blocks only.
+
+    Raises:
+        ValueError: unknown ``block_type``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        block_type: str = "anatomy",
+        attention_impl: str = "reference",
+        num_slice_buckets: int = 32,
+    ) -> None:
+        super().__init__()
+        if block_type not in BLOCK_TYPES:
+            raise ValueError(f"block_type must be one of {BLOCK_TYPES}, got {block_type!r}")
+        anatomy = block_type == "anatomy"
+        self.norm_attn = nn.LayerNorm(embed_dim)
+        self.attn = SliceAwareSelfAttention(
+            embed_dim, num_heads, num_slice_buckets, attention_impl=attention_impl, use_slice_bias=anatomy
+        )
+        self.norm_patches = nn.LayerNorm(embed_dim) if anatomy else None
+        self.norm_regions = nn.LayerNorm(embed_dim) if anatomy else None
+        self.cross = RegionCrossAttention(embed_dim, num_heads) if anatomy else None
+        hidden = int(embed_dim * mlp_ratio)
+        self.norm_mlp = nn.LayerNorm(embed_dim)
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
+
+    @property
+    def uses_regions(self) -> bool:
+        return self.cross is not None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        token_slices: torch.Tensor,
+        regions: torch.Tensor | None = None,
+        patch_to_region: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm_attn(x), token_slices)
+        if self.cross is not None:
+            cls, patches = x[:, :1], x[:, 1:]  # (B, 1, C), (B, N, C)
+            update = self.cross(self.norm_patches(patches), self.norm_regions(regions), patch_to_region)
+            x = torch.cat([cls, patches + update], dim=1)
+        return x + self.mlp(self.norm_mlp(x))

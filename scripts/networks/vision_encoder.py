@@ -1,0 +1,135 @@
+"""The anatomy-aware 3D CT vision encoder (the bundle's ``network_def``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .anatomy_encoder import AnatomyEncoder
+from .block import TransformerBlock
+from .patch_embedding import PatchEmbedding3D, patch_grid_positions
+
+PROJECTION_HEADS = ("global", "local", "region")
+
+
+class AnatomyAwareCTEncoder(nn.Module):
+    """3D CT encoder that reads the CT together with its TotalSegmentator label map.
+
+    Pipeline: 3D patch embedding (+ factorised 3D positional embedding, CLS token) -> ``depth`` pre-norm
+    blocks (slice-aware self-attention, region-aware cross-attention, MLP) -> final LayerNorm -> pooled
+    features and projection heads. The anatomy encoder turns the label map into patch-to-region
+    fractions once; each anatomy block recomputes the region tokens from its own input.
+
+    Input (Model Zoo packing): ``image (B, 2, D, H, W)``, channel 0 the CT in HU windowed to [-1, 1],
+    channel 1 the TotalSegmentator v2 label ids; ``D`` is the slice (z) axis and each side must be a
+    multiple of ``patch_size``. ``forward(image)`` returns the L2-normalised global embedding ``(B, E)``;
+    `forward_features` returns everything:
+
+    - ``global_features (B, C)``: mean of the patch tokens after the final norm (not the CLS token);
+    - ``local_features (B, N, C)``: patch tokens after the final norm, ``N = Z * Y * X`` (CLS excluded);
+    - ``region_features (B, R, C)``: region tokens of the final patch tokens (an absent region gives
+      its region embedding alone; see ``region_present``);
+    - ``cls_token (B, C)``;
+    - ``patch_positions (B, N, 3)``: integer patch-grid indices ``(z, y, x)``;
+    - ``patch_to_region (B, N, R)``, ``background_fraction (B, N)``, ``region_present (B, R)``;
+    - ``global_embedding (B, E)``, and ``local_embedding (B, N, E)`` / ``region_embedding (B, R, E)``
+      when those heads are built: L2-normalised projections of the matching features.
+
+    Args:
+        region_class_ids: TotalSegmentator v2 label ids of each of the ``R`` regions.
+        embed_dim: token width ``C`` (seed 768).
+        depth: number of blocks (seed 12).
+        num_heads: attention heads (seed 12).
+        patch_size: ``(pz, py, px)`` voxels per patch (seed (4, 16, 16)).
+        input_size: nominal ``(D, H, W)`` input (seed (64, 512, 512)); sizes the learned positional
+            tables, which interpolate to other inputs.
+        projection_dim: embedding width ``E`` (512).
+        projection_heads: which projection heads to build, from ``("global", "local", "region")``;
+            ``"global"`` is required. Build only the heads a loss uses (DDP needs every parameter used).
+        block_type: ``"anatomy"`` (full block) or ``"plain"`` (ViT block baseline).
+        attention_impl: ``"reference"`` (SDPA with explicit bias) or ``"flex"`` (compiled FlexAttention).
+        pos_embed_type: ``"learned"`` or ``"sinusoidal"``.
+        mlp_ratio: MLP hidden width / ``C``.
+        gradient_checkpointing: recompute each block in backward (training only) to save memory.
+
+    Raises:
+        ValueError: bad ``projection_heads`` or an input that is not ``(B, 2, D, H, W)``; see also the
+            parts' own errors (sizes not multiples of the patch, unknown options).
+    """
+
+    def __init__(
+        self,
+        region_class_ids: Sequence[Sequence[int]],
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        patch_size: Sequence[int] = (4, 16, 16),
+        input_size: Sequence[int] = (64, 512, 512),
+        projection_dim: int = 512,
+        projection_heads: Sequence[str] = PROJECTION_HEADS,
+        block_type: str = "anatomy",
+        attention_impl: str = "reference",
+        pos_embed_type: str = "learned",
+        mlp_ratio: float = 4.0,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        unknown = set(projection_heads) - set(PROJECTION_HEADS)
+        if unknown or "global" not in projection_heads:
+            raise ValueError(f"projection_heads must include 'global' and come from {PROJECTION_HEADS}, got {projection_heads}")
+        grid_size = [int(s) // int(p) for s, p in zip(input_size, patch_size)]
+        self.patch_embed = PatchEmbedding3D(1, embed_dim, patch_size, grid_size, pos_embed_type)
+        self.anatomy = AnatomyEncoder(region_class_ids, embed_dim, patch_size)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(embed_dim, num_heads, mlp_ratio, block_type, attention_impl) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim)
+        self.heads = nn.ModuleDict({name: nn.Linear(embed_dim, projection_dim, bias=False) for name in projection_heads})
+        self.gradient_checkpointing = gradient_checkpointing
+
+    @property
+    def num_regions(self) -> int:
+        return self.anatomy.num_regions
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(image)["global_embedding"]
+
+    def forward_features(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        if image.ndim != 5 or image.shape[1] != 2:
+            raise ValueError(f"expected image (B, 2, D, H, W) = CT and label map, got {tuple(image.shape)}")
+        ct, label_map = image[:, :1], image[:, 1:]
+        x, grid = self.patch_embed(ct)  # (B, 1 + N, C)
+        assignment = self.anatomy.assign(label_map)
+        patch_to_region = assignment["patch_to_region"]  # (B, N, R)
+        positions = patch_grid_positions(grid, device=x.device)  # (N, 3)
+        token_slices = F.pad(positions[:, 0], (1, 0), value=-1)  # (1 + N,): CLS marked -1
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(self._run_block, block, x, token_slices, patch_to_region, use_reentrant=False)
+            else:
+                x = self._run_block(block, x, token_slices, patch_to_region)
+        x = self.norm(x)
+        cls, local = x[:, 0], x[:, 1:]  # (B, C), (B, N, C)
+        out = {
+            "global_features": local.mean(1),
+            "local_features": local,
+            "region_features": self.anatomy.region_tokens(local, patch_to_region),
+            "cls_token": cls,
+            "patch_positions": positions[None].expand(x.shape[0], -1, -1),
+            **assignment,
+        }
+        for name, head in self.heads.items():
+            out[f"{name}_embedding"] = F.normalize(head(out[f"{name}_features"]), dim=-1)
+        return out
+
+    def _run_block(
+        self, block: TransformerBlock, x: torch.Tensor, token_slices: torch.Tensor, patch_to_region: torch.Tensor
+    ) -> torch.Tensor:
+        if not block.uses_regions:
+            return block(x, token_slices)
+        regions = self.anatomy.region_tokens(x[:, 1:], patch_to_region)  # (B, R, C) from this block's input
+        return block(x, token_slices, regions, patch_to_region)

@@ -1,0 +1,135 @@
+"""The bundle's transform chain on real CTs: geometry, axis order, refusal of bad cases, datalists, text."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.transforms import Compose
+
+from scripts.data import CheckSameGridd, assemble_report, load_datalist, split_sentences
+
+LIVER = 5  # TotalSegmentator v2 "liver"
+
+
+@pytest.fixture(scope="module")
+def demo_parser(bundle_root):
+    parser = ConfigParser()
+    parser.read_config([str(bundle_root / "configs/train.json"), str(bundle_root / "configs/demo.json")])
+    parser["bundle_root"] = str(bundle_root)
+    return parser
+
+
+@pytest.fixture(scope="module")
+def liver_case(sample_datalist, sample_dir):
+    """The validation crop (DICOM-series CT stored LPS, mask stored LAS) with the most liver voxels."""
+    best, best_count = None, -1
+    for item in sample_datalist["validation"]:
+        count = int((np.asanyarray(nib.load(sample_dir / item["seg"]).dataobj) == LIVER).sum())
+        if count > best_count:
+            best, best_count = item, count
+    assert best_count > 500
+    return {"image": str(sample_dir / best["image"]), "seg": str(sample_dir / best["seg"])}
+
+
+def _world_centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    ijk = np.argwhere(mask).mean(0)
+    return (affine @ np.append(ijk, 1.0))[:3]
+
+
+def test_sample_storage_orientations_differ(liver_case):
+    """The case really exercises reorientation: CT stored LPS, its mask LAS."""
+    assert nib.aff2axcodes(nib.load(liver_case["image"]).affine) == ("L", "P", "S")
+    assert nib.aff2axcodes(nib.load(liver_case["seg"]).affine) == ("L", "A", "S")
+
+
+def test_transform_chain_keeps_ct_and_mask_aligned(demo_parser, liver_case):
+    ct_raw, seg_raw = nib.load(liver_case["image"]), nib.load(liver_case["seg"])
+    seg_array = np.asanyarray(seg_raw.dataobj)
+    raw_centroid = _world_centroid(seg_array == LIVER, seg_raw.affine)
+    raw_hu = np.asanyarray(ct_raw.dataobj)[seg_array == LIVER].mean()
+
+    load = Compose(demo_parser.get_parsed_content("load_transforms"))
+    out = load(dict(liver_case))
+    seg, image = out["seg"][0].numpy(), out["image"][0].numpy()
+    assert tuple(out["image"].pixdim.tolist()) == (4.0, 4.0, 4.0)
+    new_centroid = _world_centroid(seg == LIVER, out["seg"].affine.numpy())
+    assert np.abs(new_centroid - raw_centroid).max() < 4.0  # within one output voxel (4 mm)
+    # the CT under the resampled mask is still liver: mean HU agrees (window [-1000, 1000] -> [-1, 1])
+    new_hu = image[seg == LIVER].mean() * 1000.0
+    assert 0 < raw_hu < 250 and abs(new_hu - raw_hu) < 25
+
+
+def test_slice_first_permutation_on_real_ct(demo_parser, liver_case):
+    load = Compose(demo_parser.get_parsed_content("load_transforms"))
+    crop = demo_parser.get_parsed_content("validate#crop")
+    pack = Compose(demo_parser.get_parsed_content("pack_transforms"))
+    ras = crop(load(dict(liver_case)))
+    ras_image, ras_seg = ras["image"].clone(), ras["seg"].clone()  # (1, X, Y, Z)
+    packed = pack(ras)["image"]  # (2, Z, Y, X)
+    assert packed.shape == (2, 12, 32, 32)
+    assert torch.equal(packed[0], ras_image[0].permute(2, 1, 0))
+    assert torch.equal(packed[1], ras_seg[0].permute(2, 1, 0))
+    # in RAS the third array axis runs inferior -> superior; it is the first axis after the permute
+    assert ras["image"].affine[2, 2] > 0
+
+
+def _shifted_copy(src: str, dst, shift_mm: float) -> str:
+    img = nib.load(src)
+    affine = img.affine.copy()
+    affine[0, 3] += shift_mm
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), affine), dst)
+    return str(dst)
+
+
+def test_mask_on_another_grid_is_refused_with_both_names(demo_parser, liver_case, tmp_path):
+    bad = _shifted_copy(liver_case["seg"], tmp_path / "shifted_seg.nii.gz", 2.0)
+    load = Compose(demo_parser.get_parsed_content("load_transforms"))
+    with pytest.raises(Exception) as info:
+        load({"image": liver_case["image"], "seg": bad})
+    message = str(info.value) + str(getattr(info.value, "__cause__", ""))
+    assert "shifted_seg.nii.gz" in message and liver_case["image"] in message
+
+
+def test_same_grid_check_accepts_submillimetre_rounding(liver_case, tmp_path):
+    from monai.transforms import EnsureChannelFirstd, LoadImaged, Orientationd
+
+    nearly = _shifted_copy(liver_case["seg"], tmp_path / "rounded_seg.nii.gz", 1e-4)
+    load = Compose([LoadImaged(["image", "seg"], image_only=True), EnsureChannelFirstd(["image", "seg"]), Orientationd(["image", "seg"], "RAS")])
+    data = load({"image": liver_case["image"], "seg": nearly})
+    assert CheckSameGridd(["image", "seg"])(data) is not None
+    data["seg"] = data["seg"][:, :-1]
+    with pytest.raises(ValueError, match="label grid"):
+        CheckSameGridd(["image", "seg"])(data)
+
+
+def test_load_datalist_resolves_paths_and_reports_bad_items(sample_dir, tmp_path):
+    items = load_datalist(sample_dir / "datalist.json", "validation")
+    assert len(items) == 20 and all(item["image"].startswith(str(sample_dir)) for item in items)
+    bad = {
+        "training": [
+            {"image": "ct/missing.nii.gz", "seg": "seg/missing.nii.gz", "text": "x", "study": 1},
+            {"image": str(sample_dir / items[0]["image"]), "seg": str(sample_dir / items[0]["seg"]), "text": " ", "study": "a"},
+            {"image": "a.nii.gz", "text": "x", "study": "b"},
+        ]
+    }
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError) as info:
+        load_datalist(path, "training")
+    message = str(info.value)
+    assert "4 problem(s)" in message and "missing.nii.gz does not exist" in message
+    assert "empty report text" in message and "missing ['seg']" in message
+    with pytest.raises(ValueError, match="section 'validation' is missing"):
+        load_datalist(path, "validation")
+
+
+def test_report_assembly_and_sentences():
+    text = assemble_report("No pleural effusion.  A 3.2 cm nodule in the R.L.L. is seen.", float("nan"))
+    assert text == "Findings: No pleural effusion. A 3.2 cm nodule in the R.L.L. is seen."
+    assert assemble_report(None, "Stable.") == "Impression: Stable."
+    assert split_sentences(text) == ["Findings: No pleural effusion.", "A 3.2 cm nodule in the R.L.L. is seen."]
