@@ -59,8 +59,8 @@ def test_transform_chain_keeps_ct_and_mask_aligned(demo_parser, liver_case):
     assert tuple(out["image"].pixdim.tolist()) == (4.0, 4.0, 4.0)
     new_centroid = _world_centroid(seg == LIVER, out["seg"].affine.numpy())
     assert np.abs(new_centroid - raw_centroid).max() < 4.0  # within one output voxel (4 mm)
-    # the CT under the resampled mask is still liver: mean HU agrees (window [-1000, 1000] -> [-1, 1])
-    new_hu = image[seg == LIVER].mean() * 1000.0
+    # the CT under the resampled mask is still liver: mean HU agrees (the cached stage keeps int16 HU)
+    new_hu = image[seg == LIVER].astype(np.float64).mean()
     assert 0 < raw_hu < 250 and abs(new_hu - raw_hu) < 25
 
 
@@ -72,8 +72,13 @@ def test_slice_first_permutation_on_real_ct(demo_parser, liver_case):
     ras_image, ras_seg = ras["image"].clone(), ras["seg"].clone()  # (1, X, Y, Z)
     packed = pack(ras)["image"]  # (2, Z, Y, X)
     assert packed.shape == (2, 12, 32, 32)
-    assert torch.equal(packed[0], ras_image[0].permute(2, 1, 0))
-    assert torch.equal(packed[1], ras_seg[0].permute(2, 1, 0))
+    windowed = (ras_image[0].float() / 1000.0).clamp(-1, 1).permute(2, 1, 0)  # window [-1000, 1000] -> [-1, 1]
+    labels = ras_seg[0].permute(2, 1, 0).float()
+    # the content sits centred in the padded input (air -1 and background 0 around it)
+    box = tuple(slice((t - n) // 2, (t - n) // 2 + n) for t, n in zip(packed.shape[1:], windowed.shape))
+    assert torch.allclose(packed[0][box], windowed, atol=1e-6)
+    assert torch.equal(packed[1][box], labels)
+    assert packed[0].sum() - packed[0][box].sum() == -(packed[0].numel() - windowed.numel())
     # in RAS the third array axis runs inferior -> superior; it is the first axis after the permute
     assert ras["image"].affine[2, 2] > 0
 

@@ -1,5 +1,20 @@
-"""Data side of the bundle: datalists, report text and the bundle's own transforms."""
+"""Data side of the bundle: datalists (MONAI JSON, CT-RATE, OmniAbnorm-CT), report text, transforms, datasets."""
 
-from .datalist import load_datalist
-from .reports import assemble_report, split_sentences
-from .transforms import CheckSameGridd, ToSliceFirstd
+from .ctrate import FINDINGS, build_ctrate_datalist, parse_volume_name
+from .datalist import load_datalist, load_pairs
+from .datasets import CTReportDataset, collate_reports
+from .lexicon import RegionLexicon
+from .omniabnorm import load_omniabnorm
+from .reports import assemble_report, fit_report, split_cot_steps, split_sentences
+from .transforms import (
+    BadCaseError,
+    ChainOfThoughtd,
+    CheckMinSlicesd,
+    CheckSameGridd,
+    CompareSpacingd,
+    EndOfCache,
+    FillMissingLabelMapd,
+    RegionSentencesd,
+    RescaleToHUd,
+    ToSliceFirstd,
+)

@@ -1,27 +1,60 @@
-"""MONAI-style JSON datalists of CT, TotalSegmentator label map, report text and study id."""
+"""Datalists of CT, TotalSegmentator label map, report text and study id: MONAI JSON or CT-RATE as downloaded."""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 
-REQUIRED_KEYS = ("image", "seg", "text", "study")
+from .ctrate import FINDINGS, build_ctrate_datalist, is_ctrate_layout
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_KEYS = ("image", "text", "study")
 PATH_KEYS = ("image", "seg")
+MISSING_SEG = ("error", "no_regions")
 
 
-def load_datalist(datalist_path: str | Path, section: str, base_dir: str | Path | None = None) -> list[dict]:
+def _labels(value, where: str) -> list[float]:
+    """18 CT-RATE labels as floats (NaN = unknown) from a list, a {finding: value} dict or nothing."""
+    if value is None:
+        return [math.nan] * len(FINDINGS)
+    if isinstance(value, dict):
+        unknown = set(value) - set(FINDINGS)
+        if unknown:
+            raise ValueError(f"{where}: unknown findings {sorted(unknown)}; expected names from {FINDINGS}")
+        value = [value.get(f) for f in FINDINGS]
+    if len(value) != len(FINDINGS):
+        raise ValueError(f"{where}: {len(value)} labels, expected {len(FINDINGS)} in the order of {FINDINGS}")
+    return [math.nan if v is None else float(v) for v in value]
+
+
+def load_datalist(
+    datalist_path: str | Path, section: str, base_dir: str | Path | None = None, missing_seg: str = "error"
+) -> list[dict]:
     """Read one section of a datalist, resolve its file paths and check every item before training.
 
     The file follows MONAI's decathlon layout: ``{"training": [item, ...], "validation": [...]}``; each
     item has ``image`` (CT NIfTI, HU), ``seg`` (TotalSegmentator v2 label map of that CT), ``text``
     (report text) and ``study`` (items of one study share one report: several reconstructions of one
-    scan). Relative paths are taken from ``base_dir`` (default: the datalist's folder).
+    scan). Optional: ``case_id`` (default: the image file name without extension), ``labels`` (the 18
+    CT-RATE findings as a list in `FINDINGS` order or a ``{finding: 0/1}`` dict; missing = unknown),
+    ``cot`` (chain-of-thought text or steps), ``region_sentences``. Relative paths are taken from
+    ``base_dir`` (default: the datalist's folder).
+
+    Args:
+        missing_seg: ``"error"`` (an item without ``seg`` is a problem) or ``"no_regions"`` (it trains
+            without region tokens; the count is logged).
 
     Raises:
         FileNotFoundError: the datalist itself is missing.
-        ValueError: the section is missing or empty, or items lack a key, have an empty text, or name
-            a file that does not exist; the message names the datalist and lists the bad items.
+        ValueError: the section is missing or empty, or items lack a key, have an empty text, name a
+            file that does not exist, or carry malformed labels; the message names the datalist and
+            lists the problems.
     """
+    if missing_seg not in MISSING_SEG:
+        raise ValueError(f"missing_seg must be one of {MISSING_SEG}, got {missing_seg!r}")
     datalist_path = Path(datalist_path)
     if not datalist_path.is_file():
         raise FileNotFoundError(f"datalist {datalist_path} does not exist")
@@ -29,9 +62,9 @@ def load_datalist(datalist_path: str | Path, section: str, base_dir: str | Path 
     items = json.loads(datalist_path.read_text()).get(section)
     if not items:
         raise ValueError(f"{datalist_path}: section {section!r} is missing or empty")
-    problems, resolved = [], []
+    problems, resolved, without_seg = [], [], 0
     for index, item in enumerate(items):
-        missing = [k for k in REQUIRED_KEYS if k not in item]
+        missing = [k for k in REQUIRED_KEYS + (("seg",) if missing_seg == "error" else ()) if k not in item]
         if missing:
             problems.append(f"item {index}: missing {missing}")
             continue
@@ -39,13 +72,61 @@ def load_datalist(datalist_path: str | Path, section: str, base_dir: str | Path 
         if not isinstance(item["text"], str) or not item["text"].strip():
             problems.append(f"item {index} ({item['image']}): empty report text")
         for key in PATH_KEYS:
+            if key not in item:
+                continue
             path = Path(item[key])
             item[key] = str(path if path.is_absolute() else base / path)
             if not Path(item[key]).is_file():
                 problems.append(f"item {index}: {key} file {item[key]} does not exist")
+        without_seg += "seg" not in item
+        item.setdefault("case_id", Path(item["image"]).name.split(".")[0])
+        try:
+            item["labels"] = _labels(item.get("labels"), f"item {index}")
+        except ValueError as err:
+            problems.append(str(err))
         resolved.append(item)
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise ValueError(f"{datalist_path} [{section}]: {len(problems)} problem(s):\n  {shown}{more}")
+    if without_seg:
+        logger.warning(f"{datalist_path} [{section}]: {without_seg} of {len(resolved)} items have no mask; they train without region tokens")
     return resolved
+
+
+def load_pairs(
+    dataset_dir: str | Path,
+    section: str,
+    text_model_name: str | None = None,
+    max_length: int = 512,
+    seg_dir: str | Path | None = None,
+    seg_pattern: str = "{split}/{patient}/{scan}/{volume}",
+    missing_seg: str = "error",
+    volume_version: str = "v2",
+    cot_file: str | Path | None = None,
+) -> list[dict]:
+    """The (CT, mask, report) items of ``dataset_dir``, whatever its layout.
+
+    ``DIR/datalist.json`` (MONAI layout, `load_datalist`) wins; otherwise a CT-RATE download is read
+    directly (`scripts.data.ctrate.build_ctrate_datalist`: reports fitted to the tokenizer of
+    ``text_model_name`` within ``max_length`` tokens, masks from ``seg_dir`` by ``seg_pattern``).
+
+    Raises:
+        ValueError: neither layout is found (the message says what was looked for), or the loaders' errors.
+    """
+    dataset_dir = Path(dataset_dir)
+    if (dataset_dir / "datalist.json").is_file():
+        return load_datalist(dataset_dir / "datalist.json", section, dataset_dir, missing_seg)
+    if dataset_dir.is_dir() and is_ctrate_layout(dataset_dir):
+        tokenizer = None
+        if text_model_name is not None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(text_model_name))
+        return build_ctrate_datalist(
+            dataset_dir, section, seg_dir, seg_pattern, missing_seg, volume_version, tokenizer, max_length, cot_file
+        )
+    raise ValueError(
+        f"{dataset_dir}: neither a datalist.json (MONAI layout) nor a CT-RATE download (*_reports.csv with "
+        "{train,valid}[_fixed]/<patient>/<scan>/<volume>.nii.gz) was found"
+    )

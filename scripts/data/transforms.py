@@ -1,14 +1,28 @@
-"""Bundle-specific MONAI transforms; everything else in the chains is stock MONAI (see configs/train.json)."""
+"""Bundle-specific MONAI transforms; everything else in the chains is stock MONAI (see configs/train.json).
+
+Checks that refuse a case raise `BadCaseError` with the file name; the training datasets can skip such
+cases with a warning instead of stopping a long run (`scripts.data.datasets`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+import logging
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transposed
+
+from .lexicon import RegionLexicon
+from .reports import split_cot_steps, split_sentences
+
+logger = logging.getLogger(__name__)
+
+
+class BadCaseError(ValueError):
+    """A case that must not be trained on (wrong grid, wrong HU scale, too few slices); names the file."""
 
 
 def _source_name(img: torch.Tensor) -> str:
@@ -29,7 +43,8 @@ class CheckSameGridd(MapTransform):
         atol_mm: tolerance on every affine entry, in mm (1e-3 by default).
 
     Raises:
-        ValueError: shapes or affines differ; the message names both files and both grids.
+        BadCaseError: shapes or affines differ; the message names both files and both grids.
+        ValueError: the inputs are not MetaTensors.
     """
 
     def __init__(self, keys: KeysCollection, atol_mm: float = 1e-3) -> None:
@@ -46,7 +61,7 @@ class CheckSameGridd(MapTransform):
         image_affine = np.asarray(image.affine, dtype=np.float64)
         label_affine = np.asarray(label.affine, dtype=np.float64)
         if image.shape[1:] != label.shape[1:] or not np.allclose(image_affine, label_affine, rtol=0, atol=self.atol_mm):
-            raise ValueError(
+            raise BadCaseError(
                 f"{_source_name(label)}: label grid {tuple(label.shape[1:])} with affine "
                 f"{np.round(label_affine, 3).tolist()} differs from image {_source_name(image)} grid "
                 f"{tuple(image.shape[1:])} with affine {np.round(image_affine, 3).tolist()} (compared in RAS)"
@@ -65,3 +80,201 @@ class ToSliceFirstd(Transposed):
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, indices=(0, 3, 2, 1), allow_missing_keys=allow_missing_keys)
 
+
+
+class FillMissingLabelMapd(MapTransform):
+    """Give a case without a label map an empty one (all background) on the image's grid.
+
+    Used when the configuration accepts CTs without TotalSegmentator masks: such a case gets no region
+    tokens (the encoder's region presence is all false) instead of stopping the run.
+
+    Args:
+        keys: ``(image_key, label_key)``.
+    """
+
+    def __init__(self, keys: KeysCollection) -> None:
+        super().__init__(keys)
+        self.image_key, self.label_key = self.keys
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        if d.get(self.label_key) is None:
+            image = d[self.image_key]
+            d[self.label_key] = MetaTensor(torch.zeros_like(image.as_tensor(), dtype=torch.uint8), meta=dict(image.meta))
+        return d
+
+
+class CompareSpacingd(MapTransform):
+    """Log (once per volume) where the NIfTI header's voxel spacing disagrees with the metadata table.
+
+    Run it right after loading, before any reorientation. The header wins: nothing is changed. Items
+    without the metadata entry pass silently.
+
+    Args:
+        keys: the image key.
+        spacing_key: item key of the table's spacing ``(x, y, z)`` in mm (CT-RATE ``XYSpacing``, ``ZSpacing``).
+        rtol: relative tolerance.
+    """
+
+    def __init__(self, keys: KeysCollection, spacing_key: str = "metadata_spacing_mm", rtol: float = 0.01) -> None:
+        super().__init__(keys)
+        self.spacing_key = spacing_key
+        self.rtol = rtol
+        self._reported: set[str] = set()
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        table = d.get(self.spacing_key)
+        if table is None:
+            return d
+        for key in self.keys:
+            header = np.asarray(d[key].pixdim, dtype=np.float64)[:3]
+            name = _source_name(d[key])
+            if not np.allclose(header, np.asarray(table, dtype=np.float64), rtol=self.rtol) and name not in self._reported:
+                self._reported.add(name)
+                logger.warning(f"{name}: header spacing {header.round(4).tolist()} mm differs from the metadata "
+                               f"table {list(table)} mm; using the header")
+        return d
+
+
+class RescaleToHUd(MapTransform):
+    """Bring a CT to Hounsfield units at most once, then check that air reads about -1000 HU.
+
+    If the item carries a rescale (``rescale_slope``, ``rescale_intercept``; CT-RATE v1 volumes store raw
+    values and the metadata table holds the DICOM rescale), ``HU = slope * value + intercept`` is applied
+    and recorded in the image's meta (``hu_rescaled``), so a second application raises. Items without
+    a rescale (CT-RATE v2, which is already in HU) are left as they are.
+
+    The air check takes the 1st percentile of the voxels above -1500 HU (outside-field padding such as
+    -2048 or -3024 excluded) and requires it within ``air_hu``: a raw volume (air near 0) or a volume
+    rescaled twice (air near -2024) fails. Switch it off for crops that may contain no air.
+
+    Args:
+        keys: the image key.
+        air_hu: accepted range of the air estimate, HU.
+        check_air: run the air check.
+
+    Raises:
+        BadCaseError: the air check fails, or the image was already rescaled; the message names the file.
+    """
+
+    def __init__(self, keys: KeysCollection, air_hu: Sequence[float] = (-1100.0, -900.0), check_air: bool = True) -> None:
+        super().__init__(keys)
+        self.air_hu = (float(air_hu[0]), float(air_hu[1]))
+        self.check_air = check_air
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        slope, intercept = d.get("rescale_slope"), d.get("rescale_intercept")
+        for key in self.keys:
+            image = d[key]
+            name = _source_name(image)
+            if slope is not None and intercept is not None:
+                if image.meta.get("hu_rescaled", False):
+                    raise BadCaseError(f"{name}: already rescaled to HU; refusing to rescale twice")
+                image = image.float() * float(slope) + float(intercept)
+                image.meta["hu_rescaled"] = True
+                d[key] = image
+            if self.check_air:
+                values = image.as_tensor().flatten()
+                values = values[:: max(1, values.numel() // 2_000_000)]  # a strided sample is enough
+                values = values[values > -1500]
+                air = float(torch.quantile(values.float(), 0.01)) if values.numel() else float("nan")
+                if not self.air_hu[0] <= air <= self.air_hu[1]:
+                    raise BadCaseError(
+                        f"{name}: air reads {air:.0f} HU (1st percentile), expected within {self.air_hu}; "
+                        f"rescale slope={slope} intercept={intercept}: the volume is not in HU or was rescaled twice"
+                    )
+        return d
+
+
+class CheckMinSlicesd(MapTransform):
+    """Refuse a volume with fewer than ``min_slices`` slices (a scout or a partial series).
+
+    Run after `Orientationd("RAS")`: slices are the last array axis.
+
+    Raises:
+        BadCaseError: too few slices; the message names the file and the count.
+    """
+
+    def __init__(self, keys: KeysCollection, min_slices: int) -> None:
+        super().__init__(keys)
+        self.min_slices = int(min_slices)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        for key in self.keys:
+            if data[key].shape[-1] < self.min_slices:
+                raise BadCaseError(f"{_source_name(data[key])}: {data[key].shape[-1]} slices, fewer than {self.min_slices}")
+        return dict(data)
+
+
+class EndOfCache:
+    """Marks where cached preprocessing ends in a transform chain.
+
+    MONAI's `CacheDataset` and `PersistentDataset` cache everything up to the first random transform or
+    the first callable that is not a MONAI `Transform`; this marker is such a callable and passes data
+    through. Put it after the deterministic, expensive part (load, reorient, resample, store compactly)
+    so cropping, windowing and packing run after the cache even in the all-deterministic validation chain.
+    """
+
+    def __call__(self, data):
+        return data
+
+
+class RegionSentencesd(MapTransform):
+    """Report sentences per anatomical region, for region-sentence alignment.
+
+    Writes ``region_text``: ``R`` strings (the sentences naming region ``r``, joined; ``""`` when none)
+    and ``region_normal``: ``(R,)`` bool tensor (every sentence of the region reads as normal). The
+    sentences come from the item's ``region_sentences`` when present (RadGenome-ChestCT's
+    ``{"anatomy", "sentence"}`` pairs, the anatomy name mapped through the lexicon), otherwise from
+    splitting ``text`` into sentences and matching each against the lexicon (no text: all empty).
+
+    Args:
+        lexicon: the `RegionLexicon`.
+        text_key: key of the report text.
+    """
+
+    def __init__(self, lexicon: RegionLexicon, text_key: str = "text") -> None:
+        super().__init__(text_key, allow_missing_keys=True)
+        self.lexicon = lexicon
+        self.text_key = text_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        n = len(self.lexicon.region_names)
+        per_region: list[list[str]] = [[] for _ in range(n)]
+        pairs = d.get("region_sentences")
+        if pairs:
+            assigned = [(self.lexicon.regions_of(p["anatomy"]), p["sentence"]) for p in pairs]
+        else:
+            assigned = [(self.lexicon.regions_of(s), s) for s in split_sentences(d.get(self.text_key) or "")]
+        for regions, sentence in assigned:
+            for r in regions:
+                per_region[r].append(sentence)
+        d["region_text"] = [" ".join(s) for s in per_region]
+        d["region_normal"] = torch.tensor([bool(s) and all(self.lexicon.is_normal(x) for x in s) for s in per_region])
+        return d
+
+
+class ChainOfThoughtd(MapTransform):
+    """Chain-of-thought steps with the regions each names, for step-level alignment.
+
+    Reads the item's ``cot`` (text or list; see `split_cot_steps`) and writes ``cot_steps``: a list of
+    ``{"text": step, "regions": [0-based region indices]}`` in order (``[]`` without ``cot``).
+
+    Args:
+        lexicon: the `RegionLexicon`.
+        cot_key: key of the chain-of-thought text.
+    """
+
+    def __init__(self, lexicon: RegionLexicon, cot_key: str = "cot") -> None:
+        super().__init__(cot_key, allow_missing_keys=True)
+        self.lexicon = lexicon
+        self.cot_key = cot_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        steps = split_cot_steps(d.get(self.cot_key))
+        d["cot_steps"] = [{"text": s, "regions": self.lexicon.regions_of(s)} for s in steps]
+        return d

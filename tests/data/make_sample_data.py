@@ -13,8 +13,9 @@ What it does (see tests/data/README.md for provenance and licenses):
    anti-aliasing), so image and mask stay on one world grid.
 2. Cuts boxes of ``BOX_MM`` (x, y, z) at random positions in world coordinates and saves each crop as
    int16 CT + uint8 mask, in the source's orientation.
-3. Writes each crop's text from its own mask: the regions of configs/regions.json that fill at least
-   ``MIN_FRACTION`` of the crop, largest first. The text is written for this project, not a report.
+3. Writes each crop's text from its own mask: one sentence per region of configs/regions.json that
+   fills at least ``MIN_FRACTION`` of the crop, largest first, with a coarse extent, and a matching
+   chain of thought ("Step 1: ..."). The text is written for this project, not a report.
 4. Writes datalist.json: the abdomen and chest crops train; the DICOM-series crops (another patient)
    validate.
 """
@@ -39,7 +40,7 @@ CROPS = {"abdomen": 60, "chest_cta": 6, "upper_abdomen_dicom": 20}
 SPLIT = {"abdomen": "training", "chest_cta": "training", "upper_abdomen_dicom": "validation"}
 
 
-def load_sources(source: Path) -> dict[str, tuple[nib.Nifti1Image, nib.Nifti1Image]]:
+def load_sources(source: Path, decimate: bool = True) -> dict[str, tuple[nib.Nifti1Image, nib.Nifti1Image]]:
     import SimpleITK as sitk
 
     abdomen = (
@@ -56,6 +57,8 @@ def load_sources(source: Path) -> dict[str, tuple[nib.Nifti1Image, nib.Nifti1Ima
     dicom_ct = nib.Nifti1Image(np.asanyarray(dicom_ct.dataobj), dicom_ct.affine)  # detach from the temp file
     tmp.unlink()
     dicom_seg = nib.load(source / "dicom_series/example_seg_dicom.nii.gz")
+    if not decimate:
+        return {"abdomen": abdomen, "chest_cta": (chest_ct, chest_seg), "upper_abdomen_dicom": (dicom_ct, dicom_seg)}
     return {
         "abdomen": abdomen,
         "chest_cta": (chest_ct.slicer[::2, ::2, ::2], chest_seg.slicer[::2, ::2, ::2]),
@@ -79,23 +82,44 @@ def world_extent(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
     return xyz.min(1), xyz.max(1)
 
 
-def describe(regions: np.ndarray, labels: tuple[str, ...]) -> str:
-    """Text of a crop from its region map (0 background, 1..R regions)."""
+EXTENTS = ((0.4, "most of the view"), (0.15, "a large part"), (0.03, "a small part"), (0.0, "at the edge"))
+
+
+def describe(regions: np.ndarray, labels: tuple[str, ...]) -> tuple[tuple[int, ...], str, str]:
+    """``(regions shown, text, chain of thought)`` of a crop from its region map (0 background, 1..R).
+
+    The text has one sentence per region filling at least ``MIN_FRACTION`` of the crop, largest first,
+    with a coarse extent ("Liver and gallbladder: most of the view."); the chain of thought walks
+    the same regions as "Step N:" lines.
+    """
     fractions = np.bincount(regions.ravel(), minlength=len(labels) + 1)[1:] / regions.size
-    shown = [r for r in np.argsort(-fractions, kind="stable") if fractions[r] >= MIN_FRACTION]
+    shown = tuple(int(r) for r in np.argsort(-fractions, kind="stable") if fractions[r] >= MIN_FRACTION)
     if not shown:
-        return "No segmented structure in view."
-    return "Structures in view, largest first: " + "; ".join(labels[r] for r in shown) + "."
+        return shown, "No segmented structure is in view.", "Step 1: No segmented structure is in view."
+    sentences = [f"{labels[r].capitalize()}: {next(t for lo, t in EXTENTS if fractions[r] >= lo)}." for r in shown]
+    steps = [f"Step 1: The largest structure in view is the {labels[shown[0]]}."]
+    steps += [f"Step {i}: The {labels[r]} is also in view." for i, r in enumerate(shown[1:], start=2)]
+    return shown, " ".join(sentences), " ".join(steps)
 
 
-def save(array: np.ndarray, affine: np.ndarray, path: Path, dtype) -> None:
+def save(array: np.ndarray, affine: np.ndarray, path: Path, dtype, limit: bool = True) -> None:
     img = nib.Nifti1Image(array.astype(dtype), affine)
     img.set_sform(affine, code=2)
     img.set_qform(affine, code=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, path)
-    if path.stat().st_size >= 1_000_000:
+    if limit and path.stat().st_size >= 1_000_000:
         raise RuntimeError(f"{path} is {path.stat().st_size} bytes, over the Model Zoo's 1 MB limit")
+
+
+def write_full_volumes(sources: dict, out: Path) -> None:
+    """The whole source CTs and masks at their native resolution, with a datalist, for benchmarks."""
+    items = []
+    for name, (ct, seg) in sources.items():
+        save(np.asanyarray(ct.dataobj), ct.affine, out / f"ct/{name}.nii.gz", np.int16, limit=False)
+        save(np.asanyarray(seg.dataobj), seg.affine, out / f"seg/{name}.nii.gz", np.uint8, limit=False)
+        items.append({"image": f"ct/{name}.nii.gz", "seg": f"seg/{name}.nii.gz", "text": f"Whole {name} CT.", "study": name})
+    (out / "datalist.json").write_text(json.dumps({"training": items, "validation": items}, indent=4) + "\n")
 
 
 def main() -> None:
@@ -103,7 +127,13 @@ def main() -> None:
     parser.add_argument("--source", type=Path, default=ROOT.parent / "shared/data/totalsegmentator")
     parser.add_argument("--out", type=Path, default=ROOT / "tests/data/sample")
     parser.add_argument("--seed", type=int, default=20261129)
+    parser.add_argument("--full-volumes", type=Path, default=None,
+                        help="instead of crops, write the three whole source CTs and masks with a datalist here "
+                        "(benchmark input; not committed, over 1 MB)")
     args = parser.parse_args()
+    if args.full_volumes is not None:
+        write_full_volumes(load_sources(args.source, decimate=False), args.full_volumes)
+        return
     region_map = load_region_map(ROOT / "configs/regions.json")
     lookup = np.zeros(118, dtype=np.uint8)
     for region, ids in enumerate(region_map.class_ids, start=1):
@@ -112,7 +142,7 @@ def main() -> None:
     datalist: dict[str, list] = {"training": [], "validation": []}
     for name, (ct, seg) in load_sources(args.source).items():
         lo, hi = world_extent(ct)
-        texts: set[str] = set()
+        texts: set[tuple[int, ...]] = set()
         kept, tries = 0, 0
         while kept < CROPS[name] and tries < 5000:
             tries += 1
@@ -125,23 +155,24 @@ def main() -> None:
             if ct_ras.shape != seg_ras.shape or not np.allclose(ct_ras.affine, seg_ras.affine, atol=1e-3):
                 raise RuntimeError(f"{name}: image and mask crops left the common grid")
             regions = lookup[np.asanyarray(seg_crop.dataobj).astype(np.int64)]
-            text = describe(regions, region_map.labels)
-            # validation texts distinct within the volume; no almost empty crop
-            if (SPLIT[name] == "validation" and text in texts) or (regions > 0).mean() < 0.05:
+            shown, text, cot = describe(regions, region_map.labels)
+            # validation crops show distinct region lists within the volume; no almost empty crop
+            if (SPLIT[name] == "validation" and shown in texts) or (regions > 0).mean() < 0.05:
                 continue
-            texts.add(text)
+            texts.add(shown)
             study = f"{name}_{kept:02d}"
             save(np.asanyarray(ct_crop.dataobj), ct_crop.affine, args.out / f"ct/{study}.nii.gz", np.int16)
             save(np.asanyarray(seg_crop.dataobj), seg_crop.affine, args.out / f"seg/{study}.nii.gz", np.uint8)
             datalist[SPLIT[name]].append(
-                {"image": f"ct/{study}.nii.gz", "seg": f"seg/{study}.nii.gz", "text": text, "study": study}
+                {"image": f"ct/{study}.nii.gz", "seg": f"seg/{study}.nii.gz", "text": text, "cot": cot, "study": study}
             )
             kept += 1
         print(f"{name}: {kept} crops after {tries} tries")
     datalist = {
         "description": "Crops of three real CTs (TotalSegmentator repository, Apache-2.0) with their "
-        "TotalSegmentator v2 masks. Each text was written for this project from the crop's own mask "
-        "(regions filling at least 0.5% of the crop, largest first); none is a clinical report. "
+        "TotalSegmentator v2 masks. Each text and chain of thought was written for this project from the "
+        "crop's own mask (one sentence per region filling at least 0.5% of the crop, largest first); none is "
+        "a clinical report. "
         "Built by tests/data/make_sample_data.py.",
         **datalist,
     }

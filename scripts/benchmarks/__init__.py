@@ -1,0 +1,1 @@
+"""Benchmark scripts (run as modules from the bundle root); results and commands are in docs/."""

