@@ -35,31 +35,13 @@ import torch.nn.functional as F
 from ignite.metrics import Metric
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from .data.ctrate import FINDINGS
 from .losses import positive_groups
 
 DIRECTIONS = ("image_to_text", "text_to_image")
 
 # the 18 CT-RATE abnormality columns, in the labels CSV's order (CT-CLIP zero_shot.py uses the same list)
-CT_RATE_FINDINGS = (
-    "Medical material",
-    "Arterial wall calcification",
-    "Cardiomegaly",
-    "Pericardial effusion",
-    "Coronary artery wall calcification",
-    "Hiatal hernia",
-    "Lymphadenopathy",
-    "Emphysema",
-    "Atelectasis",
-    "Lung nodule",
-    "Lung opacity",
-    "Pulmonary fibrotic sequela",
-    "Pleural effusion",
-    "Mosaic attenuation pattern",
-    "Peribronchial thickening",
-    "Consolidation",
-    "Bronchiectasis",
-    "Interlobular septal thickening",
-)
+CT_RATE_FINDINGS = FINDINGS
 # fVLM's table leaves out the two findings it cannot tie to one organ
 FVLM_FINDINGS = tuple(f for f in CT_RATE_FINDINGS if f not in ("Medical material", "Lymphadenopathy"))
 CT_RATE_MACRO_SUBSETS = {"ct_clip_18": CT_RATE_FINDINGS, "fvlm_16": FVLM_FINDINGS}
