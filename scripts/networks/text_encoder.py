@@ -31,7 +31,8 @@ class HFTextEncoder(nn.Module):
         gradient_checkpointing: recompute transformer layers in backward (trainable models only).
 
     Shapes:
-        ``forward(texts: list[str]) -> (B, E)``, L2-normalised.
+        ``forward(texts: list[str]) -> (B, E)``, L2-normalised; `forward_with_tokens` adds the token
+        embeddings ``(B, L, E)`` and the attention mask ``(B, L)``.
 
     Raises:
         ValueError: unknown ``pooling``, non-bool ``trainable``. OSError (from `transformers`): the model cannot be found.
@@ -68,14 +69,34 @@ class HFTextEncoder(nn.Module):
         )
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        hidden, attention_mask = self._hidden_states(texts)
+        return self._pooled_embedding(hidden, attention_mask)
+
+    def forward_with_tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pooled and token-level embeddings from one transformer pass (for the FILIP-style local loss).
+
+        Returns:
+            ``embedding (B, E)``, equal to ``forward(texts)``; ``tokens (B, L, E)``, each token's last
+            hidden state through the same projection, L2-normalised (padding positions included: mask
+            them); ``attention_mask (B, L)`` bool, True for real tokens ([CLS] and [SEP] included).
+        """
+        hidden, attention_mask = self._hidden_states(texts)
+        tokens = F.normalize(self.projection(hidden), dim=-1)  # (B, L, H) -> (B, L, E)
+        return self._pooled_embedding(hidden, attention_mask), tokens, attention_mask.bool()
+
+    def _hidden_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last hidden states ``(B, L, H)`` and attention mask ``(B, L)`` of ``texts``."""
         device = self.projection.weight.device
         tokens = {k: v.to(device) for k, v in self.tokenize(texts).items()}
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             hidden = self.model(**tokens).last_hidden_state  # (B, L, H)
+        return hidden, tokens["attention_mask"]
+
+    def _pooled_embedding(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
             pooled = hidden[:, 0]  # (B, H)
         else:
-            mask = tokens["attention_mask"][..., None].to(hidden.dtype)  # (B, L, 1)
+            mask = attention_mask[..., None].to(hidden.dtype)  # (B, L, 1)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B, H)
         return F.normalize(self.projection(pooled), dim=-1)
 
