@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = BUNDLE_ROOT / "tests/data/sample"
@@ -79,3 +81,17 @@ def packed_input(label_map: torch.Tensor, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     ct = torch.rand(label_map.shape, generator=g) * 2 - 1
     return torch.cat([ct, label_map.float()], dim=1)
+
+
+def start_gloo_processes(worker, args: tuple, tmp_path: Path, nprocs: int = 2) -> None:
+    """Run ``worker(rank, nprocs, rendezvous_file, *args)`` in ``nprocs`` spawned CPU processes.
+
+    The processes meet through a file (no TCP port that another program could take in between).
+    """
+    rendezvous = tmp_path / "gloo_rendezvous"
+    mp.start_processes(worker, args=(nprocs, str(rendezvous), *args), nprocs=nprocs, start_method="spawn")
+
+
+def init_gloo(rank: int, world: int, rendezvous: str) -> None:
+    """Join the gloo process group of `start_gloo_processes`."""
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)

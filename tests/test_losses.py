@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import init_gloo, start_gloo_processes
 
 from scripts.losses import (
     ContrastiveInfoNCELoss,
@@ -69,9 +67,8 @@ def test_groups_join_same_study_or_identical_report_transitively():
     assert positive_groups(keys).tolist() == [0, 1, 1, 1, 4]
 
 
-def _ddp_worker(rank: int, world: int, port: int, image: torch.Tensor, text: torch.Tensor, result: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank: int, world: int, rendezvous: str, image: torch.Tensor, text: torch.Tensor, result: str) -> None:
+    init_gloo(rank, world, rendezvous)
     try:
         weight = torch.nn.Parameter(torch.eye(4))
         model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4, bias=False))
@@ -98,11 +95,8 @@ def test_ddp_gather_gives_the_single_process_gradient(tmp_path):
         single.weight.copy_(torch.eye(4))
     loss = ContrastiveInfoNCELoss()(single(image), text, torch.tensor(5.0), positive_groups(pair_keys(list("abcd"), list("wxyz"))))
     loss.backward()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     result = tmp_path / "rank0.pt"
-    mp.start_processes(_ddp_worker, args=(2, port, image, text, str(result)), nprocs=2, start_method="spawn")
+    start_gloo_processes(_ddp_worker, (image, text, str(result)), tmp_path)
     ddp_loss, ddp_grad = torch.load(result)
     assert torch.allclose(ddp_loss, loss.detach(), atol=1e-6)
     assert torch.allclose(ddp_grad, single.weight.grad, atol=1e-6)

@@ -6,13 +6,12 @@ import itertools
 import json
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import init_gloo, start_gloo_processes
 from sklearn.metrics import accuracy_score, f1_score, precision_score, roc_auc_score
 
 from scripts.losses import pair_keys, positive_groups
@@ -455,9 +454,8 @@ def test_retrieval_evaluation_keeps_every_volume_on_request():
     assert _close(report["text_to_image"], direct["text_to_image"])
 
 
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
+    init_gloo(rank, world, rendezvous)
     try:
         from torch.utils.data import DistributedSampler
 
@@ -489,10 +487,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
     assert single["retrieval"]["protocol"]["pairs_evaluated"] == 6
     probs = zero_shot_probabilities(data["image"], data["prompts"], 10.0)
     assert _close(single["zero_shot"], classification_metrics(probs, data["labels"], ["a", "b", "c"], n_bootstrap=25))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    start_gloo_processes(_ddp_worker, (str(tmp_path),), tmp_path)
     for rank in (0, 1):
         ddp = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert ddp["uneven_keys"] == list(range(11)) and ddp["uneven_matches"]
