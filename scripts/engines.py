@@ -12,7 +12,14 @@ from monai.inferers import Inferer
 from monai.utils.enums import CommonKeys as Keys
 from torch.utils.data import DataLoader
 
-from .losses import gather_keys, gather_with_grad, pair_keys, positive_groups
+from .losses import (
+    gather_keys,
+    gather_with_grad,
+    pair_keys,
+    positive_groups,
+    region_text_inputs,
+    step_inputs,
+)
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,11 +74,15 @@ def _contrastive_batch(batchdata: dict, device: torch.device, non_blocking: bool
 class ContrastiveTrainer(SupervisedTrainer):
     """`SupervisedTrainer` whose iteration is one contrastive step on (CT, report) pairs.
 
-    ``network`` is a `CTReportCLIP`; each batch carries ``image`` (packed CT + label map), ``text`` and
-    ``study``. The step embeds both sides, gathers them across DDP ranks with gradients, marks pairs of
-    one study or one identical report as positives of each other, and applies ``loss_function``
-    (`ContrastiveInfoNCELoss`). ``engine.state.output`` holds ``Keys.LOSS`` and the detached
-    embeddings; the parent's `IterationEvents` fire as usual. The other arguments are the parent's.
+    ``network`` is a `CTReportCLIP` (DDP-wrapped or not); each batch carries ``image`` (packed CT + label
+    map), ``text``, ``study``, and for the multi-level terms ``region_text``, ``region_normal``,
+    ``cot_steps`` and ``labels``. ``loss_function`` is a `MultiLevelLoss`: only the inputs of its enabled
+    terms are computed. The step runs the model once (image, report, region sentences and reasoning steps
+    through one text-tower call), gathers the global and region embeddings across DDP ranks with
+    gradients (negatives are global; pairs of one study or one identical report are positives of each
+    other), and keeps the step, local, segmentation and finding terms per rank. ``engine.state.output``
+    holds ``Keys.LOSS``, the detached ``loss_terms`` and embeddings; the parent's `IterationEvents` fire
+    as usual. The other arguments are the parent's.
 
     Args:
         autocast_dtype: ``"bfloat16"``, ``"float16"`` (with a gradient scaler) or ``None`` (float32).
@@ -125,17 +136,61 @@ class ContrastiveTrainer(SupervisedTrainer):
         engine.state.output = {Keys.IMAGE: image, Keys.LABEL: None}
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        device_type = torch.device(engine.state.device).type
+        enabled = engine.loss_function.enabled
+        num_regions = _unwrap(engine.network).image_encoder.num_regions
+        region_texts, has_text, region_keys = region_text_inputs(batchdata["region_text"]) if "region" in enabled else ([], None, None)
+        steps, step_item, step_regions = step_inputs(batchdata["cot_steps"], num_regions) if "step" in enabled else ([], None, None)
+        device, device_type = image.device, torch.device(engine.state.device).type
         with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            out = engine.inferer(image, engine.network, texts)
-            image_emb = out["image_features"]["global_embedding"]
-            engine.state.output[Keys.PRED] = {"image_embedding": image_emb.detach(), "text_embedding": out["text_embedding"].detach()}
+            out = engine.inferer(image, engine.network, texts, region_texts + steps, "local" in enabled)
+            features = out["image_features"]
+            engine.state.output[Keys.PRED] = {
+                "image_embedding": features["global_embedding"].detach(),
+                "text_embedding": out["text_embedding"].detach(),
+            }
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            groups = positive_groups(gather_keys(keys.to(image.device)))
-            loss = engine.loss_function(
-                gather_with_grad(image_emb), gather_with_grad(out["text_embedding"]), out["logit_scale"], groups
-            )
+            extra = out.get("extra_text_embedding")
+            inputs = {
+                "logit_scale": out["logit_scale"],
+                "image_emb": gather_with_grad(features["global_embedding"]),
+                "text_emb": gather_with_grad(out["text_embedding"]),
+                "group_ids": positive_groups(gather_keys(keys.to(device))),
+            }
+            if "region" in enabled:
+                region_text_emb = features["region_embedding"].new_zeros(features["region_embedding"].shape)  # (B, R, E)
+                if region_texts:  # scatter back in the row-major (b, r) order of region_text_inputs
+                    region_text_emb[has_text.to(device)] = extra[: len(region_texts)].to(region_text_emb.dtype)
+                valid = features["region_present"] & has_text.to(device)
+                normal = torch.as_tensor(batchdata["region_normal"]).bool().to(device)
+                inputs.update(
+                    region_emb=gather_with_grad(features["region_embedding"]),
+                    region_text_emb=gather_with_grad(region_text_emb),
+                    region_valid=gather_keys(valid.long()).bool(),
+                    region_text_keys=gather_keys(region_keys.to(device)),
+                    region_is_normal=gather_keys(normal.long()).bool(),
+                )
+            if "step" in enabled:  # steps against the regions of their own CT: no gather needed
+                inputs.update(
+                    step_emb=extra[len(region_texts) :] if steps else _no_steps(features),
+                    step_item=step_item.to(device),
+                    step_regions=step_regions.to(device),
+                    step_region_emb=features["region_embedding"],
+                    step_region_present=features["region_present"],
+                )
+            if "local" in enabled:  # patch-token alignment within this rank's batch
+                inputs.update(local_emb=features["local_embedding"], token_emb=out["token_embedding"], token_mask=out["token_mask"])
+            if "segmentation" in enabled:
+                inputs.update(
+                    segmentation_logits=features["segmentation_logits"],
+                    patch_to_region=features["patch_to_region"],
+                    background_fraction=features["background_fraction"],
+                )
+            if "finding" in enabled:
+                inputs.update(finding_logits=features["finding_logits"], finding_labels=batchdata["labels"].to(device))
+            terms = engine.loss_function(**inputs)
+        loss = terms["loss"]
         engine.state.output[Keys.LOSS] = loss
+        engine.state.output["loss_terms"] = {name: value.detach() for name, value in terms.items() if name != "loss"}
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         self.grad_scaler.scale(loss).backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
@@ -146,6 +201,22 @@ class ContrastiveTrainer(SupervisedTrainer):
         self.grad_scaler.update()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+def _no_steps(features: dict) -> torch.Tensor:
+    """An empty ``(0, E)`` step embedding when a batch has no usable reasoning step (the term is then 0)."""
+    return features["global_embedding"].new_zeros(0, features["global_embedding"].shape[-1])
+
+
+def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The `CTReportCLIP` inside a DDP wrapper (or the network itself)."""
+    return getattr(network, "module", network)
+
+
+def logged_losses(output: dict) -> dict[str, torch.Tensor]:
+    """What the stats handlers log per iteration: the total ``loss`` and, with several terms, each term."""
+    terms = output.get("loss_terms", {})
+    return {"loss": output[Keys.LOSS], **({f"loss_{k}": v for k, v in terms.items()} if len(terms) > 1 else {})}
 
 
 class ContrastiveEvaluator(SupervisedEvaluator):

@@ -444,31 +444,6 @@ class SegmentationLoss(nn.Module):
         return soft_cross_entropy(logits.float(), targets.to(logits.device)).mean()
 
 
-def region_assignment_counts(
-    logits: torch.Tensor, patch_to_region: torch.Tensor, background_fraction: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Region-assignment accuracy of the segmentation head, as counts to sum over an evaluation set.
-
-    A patch is correct when the head's arg-max class equals the arg-max of its voxel fractions (class
-    0 background, ``1..R`` regions; ties go to the lower class). Pure background patches
-    (``background_fraction == 1``, mostly air and table) are not counted: they would dominate and
-    inflate the accuracy. Accuracy = ``sum(correct) / sum(counted)``.
-
-    Shapes:
-        ``logits (B, N, R + 1)``, ``patch_to_region (B, N, R)``, ``background_fraction (B, N)`` ->
-        ``(correct, counted)``, 0-dim int64.
-
-    Raises:
-        ValueError: as `SegmentationLoss`.
-    """
-    targets = segmentation_targets(patch_to_region, background_fraction)  # (B, N, R + 1)
-    if logits.shape != targets.shape:
-        raise ValueError(f"segmentation logits {tuple(logits.shape)} != targets (B, N, R + 1) {tuple(targets.shape)}")
-    counted = background_fraction < 1  # (B, N)
-    hits = (logits.argmax(-1) == targets.argmax(-1).to(logits.device)) & counted.to(logits.device)  # (B, N)
-    return hits.sum(), counted.sum()
-
-
 class FindingLoss(nn.Module):
     """Multi-label binary cross-entropy of `FindingHead` logits over the 18 CT-RATE findings, NaN labels masked.
 

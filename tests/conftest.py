@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from scripts.data import FINDINGS, parse_volume_name
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = BUNDLE_ROOT / "tests/data/sample"
@@ -83,15 +89,89 @@ def packed_input(label_map: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return torch.cat([ct, label_map.float()], dim=1)
 
 
-def start_gloo_processes(worker, args: tuple, tmp_path: Path, nprocs: int = 2) -> None:
+def start_gloo_processes(worker, args: tuple, tmp_path: Path, nprocs: int = 2, timeout_s: float = 300) -> None:
     """Run ``worker(rank, nprocs, rendezvous_file, *args)`` in ``nprocs`` spawned CPU processes.
 
-    The processes meet through a file (no TCP port that another program could take in between).
+    The processes meet through a file (no TCP port that another program could take in between); a
+    worker still running after ``timeout_s`` is killed and the test fails instead of hanging.
     """
     rendezvous = tmp_path / "gloo_rendezvous"
-    mp.start_processes(worker, args=(nprocs, str(rendezvous), *args), nprocs=nprocs, start_method="spawn")
+    context = mp.start_processes(worker, args=(nprocs, str(rendezvous), *args), nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"gloo worker processes did not finish within {timeout_s} s")
 
 
 def init_gloo(rank: int, world: int, rendezvous: str) -> None:
     """Join the gloo process group of `start_gloo_processes`."""
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+
+
+def close_gloo() -> None:
+    """Leave the process group together (a barrier first, so no rank tears the store down early)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+INTERCEPT = -1024.0  # the v1 copies store HU - INTERCEPT, as raw CT values with the DICOM rescale
+LONG_FINDINGS = " ".join(f"Finding sentence number {i} describes the lung parenchyma in detail." for i in range(80))
+
+
+def _save(array: np.ndarray, affine: np.ndarray, path, dtype) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array.astype(dtype), affine), path)
+
+
+def _air_fraction(path) -> float:
+    return float((np.asanyarray(nib.load(path).dataobj) < -900).mean())
+
+
+@pytest.fixture(scope="session")
+def ctrate_root(tmp_path_factory, sample_datalist, sample_dir):
+    """CT-RATE layout: v1 + v2 copies of one volume, a second reconstruction of that scan, a volume
+    without mask and with a report longer than the tokenizer's limit, and one validation volume."""
+    root = tmp_path_factory.mktemp("ct_rate")
+    crops = sorted(sample_datalist["training"], key=lambda it: -_air_fraction(sample_dir / it["image"]))
+    sources = {  # the crops with the most air first, so the air check sees air
+        "train_1_a_1.nii.gz": crops[0],
+        "train_1_a_2.nii.gz": crops[1],
+        "train_2_a_1.nii.gz": crops[2],
+        "valid_1_a_1.nii.gz": sample_datalist["validation"][0],
+    }
+    reports, metadata, labels = {"train": [], "valid": []}, {"train": [], "valid": []}, {"train": [], "valid": []}
+    for name, item in sources.items():
+        f = parse_volume_name(name)
+        ct, seg = nib.load(sample_dir / item["image"]), nib.load(sample_dir / item["seg"])
+        hu = np.asanyarray(ct.dataobj)
+        rel = f"{f['patient']}/{f['scan']}/{name}"
+        _save(hu, ct.affine, root / f"dataset/{f['split']}_fixed/{rel}", np.int16)  # v2: HU
+        _save(hu - INTERCEPT, ct.affine, root / f"dataset/{f['split']}/{rel}", np.int16)  # v1: raw
+        if name != "train_2_a_1.nii.gz":
+            _save(np.asanyarray(seg.dataobj), seg.affine, root / f"seg/{f['split']}/{rel}", np.uint8)
+        zooms = [float(z) for z in ct.header.get_zooms()]
+        if name == "train_1_a_2.nii.gz":
+            zooms[2] += 0.5  # the table disagrees with the header for this volume
+        findings = LONG_FINDINGS if name == "train_2_a_1.nii.gz" else item["text"]
+        if f["scan"] == "train_1_a":
+            findings = sources["train_1_a_1.nii.gz"]["text"]  # reconstructions of one scan share one report
+        reports[f["split"]].append({"VolumeName": name, "ClinicalInformation_EN": "Not given.", "Technique_EN": "Non-contrast chest CT.",
+                                    "Findings_EN": findings, "Impressions_EN": "IMPRESSION-MARKER no acute finding."})
+        metadata[f["split"]].append({"VolumeName": name, "Manufacturer": "TEST", "RescaleSlope": 1.0, "RescaleIntercept": INTERCEPT,
+                                     "XYSpacing": f"[{zooms[0]}, {zooms[1]}]", "ZSpacing": zooms[2]})
+        case = len(labels[f["split"]])  # labels written for the test: alternate between cases, hiatal hernia never
+        labels[f["split"]].append({"VolumeName": name, **{x: 0 if x == "Hiatal hernia" else (i + case) % 2 for i, x in enumerate(FINDINGS)}})
+    for split, long_name in (("train", "validation"), ("valid", "validation")):
+        prefix = "train" if split == "train" else "validation"
+        (root / "dataset/radiology_text_reports").mkdir(parents=True, exist_ok=True)
+        (root / "dataset/metadata").mkdir(parents=True, exist_ok=True)
+        (root / "dataset/multi_abnormality_labels").mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(reports[split]).to_csv(root / f"dataset/radiology_text_reports/{prefix}_reports.csv", index=False)
+        pd.DataFrame(metadata[split]).to_csv(root / f"dataset/metadata/{prefix}_metadata.csv", index=False)
+        pd.DataFrame(labels[split]).to_csv(root / f"dataset/multi_abnormality_labels/{split}_predicted_labels.csv", index=False)
+    pd.DataFrame([{"Volumename": "valid_1_a_1.nii.gz", "Anatomy": "right lung", "Sentence": "A nodule in the right lung."},
+                  {"Volumename": "valid_1_a_1.nii.gz", "Anatomy": "heart", "Sentence": "The heart is normal."}]).to_csv(
+        root / "dataset/validation_region_report.csv", index=False)
+    return root

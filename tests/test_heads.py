@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import packed_input, tiny_encoder
 
-from scripts.losses import FindingLoss, MultiLevelLoss, region_assignment_counts, region_text_inputs, step_inputs
+from scripts.losses import FindingLoss, MultiLevelLoss, region_text_inputs, step_inputs
+from scripts.metrics import region_assignment_counts
 from scripts.networks import FindingHead, HFTextEncoder, SegmentationAuxHead
 
 

@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-from conftest import init_gloo, start_gloo_processes
+from conftest import close_gloo, init_gloo, start_gloo_processes
 
 from scripts.losses import (
     ContrastiveInfoNCELoss,
@@ -21,13 +20,13 @@ from scripts.losses import (
     gather_with_grad,
     pair_keys,
     positive_groups,
-    region_assignment_counts,
     region_soft_targets,
     region_text_inputs,
     step_inputs,
     text_key,
     token_patch_similarity,
 )
+from scripts.metrics import region_assignment_counts
 from scripts.networks import HFTextEncoder
 
 
@@ -84,7 +83,7 @@ def _ddp_worker(rank: int, world: int, rendezvous: str, image: torch.Tensor, tex
         if rank == 0:
             torch.save((loss.detach(), model.module.weight.grad.clone()), result)
     finally:
-        dist.destroy_process_group()
+        close_gloo()
 
 
 def test_ddp_gather_gives_the_single_process_gradient(tmp_path):

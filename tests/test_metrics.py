@@ -10,8 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-from conftest import init_gloo, start_gloo_processes
+from conftest import close_gloo, init_gloo, start_gloo_processes
 from sklearn.metrics import accuracy_score, f1_score, precision_score, roc_auc_score
 
 from scripts.losses import pair_keys, positive_groups
@@ -473,7 +472,7 @@ def _ddp_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(reports, f, allow_nan=False)
     finally:
-        dist.destroy_process_group()
+        close_gloo()
 
 
 def test_two_process_evaluation_equals_one_process(tmp_path):

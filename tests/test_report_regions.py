@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from scripts.data import ChainOfThoughtd, RegionLexicon, RegionSentencesd, split_cot_steps
+from scripts.data import (
+    ChainOfThoughtd,
+    RegionLexicon,
+    RegionSentencesd,
+    split_cot_steps,
+)
 
 
 @pytest.fixture(scope="module")

@@ -109,24 +109,28 @@ def load_pairs(
 
     ``DIR/datalist.json`` (MONAI layout, `load_datalist`) wins; otherwise a CT-RATE download is read
     directly (`scripts.data.ctrate.build_ctrate_datalist`: reports fitted to the tokenizer of
-    ``text_model_name`` within ``max_length`` tokens, masks from ``seg_dir`` by ``seg_pattern``).
+    ``text_model_name`` within ``max_length`` tokens, masks from ``seg_dir`` by ``seg_pattern``). Each
+    item gets ``case_index``, its position in the list (the evaluation's key for de-duplicating cases
+    across DDP ranks).
 
     Raises:
         ValueError: neither layout is found (the message says what was looked for), or the loaders' errors.
     """
     dataset_dir = Path(dataset_dir)
     if (dataset_dir / "datalist.json").is_file():
-        return load_datalist(dataset_dir / "datalist.json", section, dataset_dir, missing_seg)
-    if dataset_dir.is_dir() and is_ctrate_layout(dataset_dir):
+        items = load_datalist(dataset_dir / "datalist.json", section, dataset_dir, missing_seg)
+    elif dataset_dir.is_dir() and is_ctrate_layout(dataset_dir):
         tokenizer = None
         if text_model_name is not None:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(text_model_name))
-        return build_ctrate_datalist(
+        items = build_ctrate_datalist(
             dataset_dir, section, seg_dir, seg_pattern, missing_seg, volume_version, tokenizer, max_length, cot_file
         )
-    raise ValueError(
-        f"{dataset_dir}: neither a datalist.json (MONAI layout) nor a CT-RATE download (*_reports.csv with "
-        "{train,valid}[_fixed]/<patient>/<scan>/<volume>.nii.gz) was found"
-    )
+    else:
+        raise ValueError(
+            f"{dataset_dir}: neither a datalist.json (MONAI layout) nor a CT-RATE download (*_reports.csv with "
+            "{train,valid}[_fixed]/<patient>/<scan>/<volume>.nii.gz) was found"
+        )
+    return [dict(item, case_index=i) for i, item in enumerate(items)]

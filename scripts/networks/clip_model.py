@@ -26,9 +26,12 @@ class CTReportCLIP(nn.Module):
         max_logit_scale: upper clamp of the scale.
 
     Shapes:
-        ``forward(image (B, 2, D, H, W), texts: list[str])`` returns ``image_features`` (the encoder's
-        `forward_features` dict, with ``global_embedding (B, E)``), ``text_embedding (B, E)`` and
-        ``logit_scale`` (a 0-dim tensor).
+        ``forward(image (B, 2, D, H, W), texts, extra_texts=(), text_tokens=False)`` returns
+        ``image_features`` (the encoder's `forward_features` dict, with ``global_embedding (B, E)``),
+        ``text_embedding (B, E)``, ``logit_scale`` (0-dim), ``extra_text_embedding (M, E)`` for
+        ``extra_texts`` (region sentences, reasoning steps: one text-tower pass for all of them) and, with
+        ``text_tokens=True``, ``token_embedding (B, L, E)`` and ``token_mask (B, L)`` of ``texts``.
+        Everything runs in this one forward, as DDP requires.
 
     Raises:
         ValueError: the two towers' embedding widths differ.
@@ -54,9 +57,14 @@ class CTReportCLIP(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         return self.log_logit_scale.clamp(max=self.max_log_logit_scale).exp()
 
-    def forward(self, image: torch.Tensor, texts: Sequence[str]) -> dict:
-        return {
-            "image_features": self.image_encoder.forward_features(image),
-            "text_embedding": self.text_encoder(texts),
-            "logit_scale": self.logit_scale(),
-        }
+    def forward(
+        self, image: torch.Tensor, texts: Sequence[str], extra_texts: Sequence[str] = (), text_tokens: bool = False
+    ) -> dict:
+        out = {"image_features": self.image_encoder.forward_features(image), "logit_scale": self.logit_scale()}
+        if text_tokens:
+            out["text_embedding"], out["token_embedding"], out["token_mask"] = self.text_encoder.forward_with_tokens(texts)
+        else:
+            out["text_embedding"] = self.text_encoder(texts)
+        if extra_texts:
+            out["extra_text_embedding"] = self.text_encoder(list(extra_texts))
+        return out

@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .anatomy_encoder import AnatomyEncoder
 from .block import TransformerBlock
+from .heads import FindingHead, SegmentationAuxHead
 from .patch_embedding import PatchEmbedding3D, patch_grid_positions
 
 PROJECTION_HEADS = ("global", "local", "region")
@@ -37,7 +38,9 @@ class AnatomyAwareCTEncoder(nn.Module):
     - ``patch_positions (B, N, 3)``: integer patch-grid indices ``(z, y, x)``;
     - ``patch_to_region (B, N, R)``, ``background_fraction (B, N)``, ``region_present (B, R)``;
     - ``global_embedding (B, E)``, and ``local_embedding (B, N, E)`` / ``region_embedding (B, R, E)``
-      when those heads are built: L2-normalised projections of the matching features.
+      when those heads are built: L2-normalised projections of the matching features;
+    - ``segmentation_logits (B, N, R + 1)`` (auxiliary per-patch anatomy, class 0 background) and
+      ``finding_logits (B, F)`` (the CT-RATE findings) when those heads are built.
 
     Args:
         region_class_ids: TotalSegmentator v2 label ids of each of the ``R`` regions.
@@ -55,6 +58,10 @@ class AnatomyAwareCTEncoder(nn.Module):
         pos_embed_type: ``"learned"`` or ``"sinusoidal"``.
         mlp_ratio: MLP hidden width / ``C``.
         gradient_checkpointing: recompute each block in backward (training only) to save memory.
+        segmentation_head: build the auxiliary per-patch anatomy head (`SegmentationAuxHead`).
+        finding_head: build the finding classifier (`FindingHead`) on ``global_features``.
+        num_findings: classes of the finding head (18 CT-RATE findings).
+        finding_probe: detach the finding head's input, so it is a linear probe of the encoder.
 
     Raises:
         ValueError: bad ``projection_heads`` or an input that is not ``(B, 2, D, H, W)``; see also the
@@ -76,6 +83,10 @@ class AnatomyAwareCTEncoder(nn.Module):
         pos_embed_type: str = "learned",
         mlp_ratio: float = 4.0,
         gradient_checkpointing: bool = False,
+        segmentation_head: bool = False,
+        finding_head: bool = False,
+        num_findings: int = 18,
+        finding_probe: bool = False,
     ) -> None:
         super().__init__()
         unknown = set(projection_heads) - set(PROJECTION_HEADS)
@@ -89,6 +100,8 @@ class AnatomyAwareCTEncoder(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim)
         self.heads = nn.ModuleDict({name: nn.Linear(embed_dim, projection_dim, bias=False) for name in projection_heads})
+        self.segmentation_head = SegmentationAuxHead(embed_dim, self.anatomy.num_regions) if segmentation_head else None
+        self.finding_head = FindingHead(embed_dim, num_findings, finding_probe) if finding_head else None
         self.gradient_checkpointing = gradient_checkpointing
 
     @property
@@ -124,6 +137,10 @@ class AnatomyAwareCTEncoder(nn.Module):
         }
         for name, head in self.heads.items():
             out[f"{name}_embedding"] = F.normalize(head(out[f"{name}_features"]), dim=-1)
+        if self.segmentation_head is not None:
+            out["segmentation_logits"] = self.segmentation_head(local)
+        if self.finding_head is not None:
+            out["finding_logits"] = self.finding_head(out["global_features"])
         return out
 
     def _run_block(
