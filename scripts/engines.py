@@ -222,9 +222,9 @@ def logged_losses(output: dict) -> dict[str, torch.Tensor]:
 class ContrastiveEvaluator(SupervisedEvaluator):
     """`SupervisedEvaluator` that embeds (CT, report) pairs for retrieval metrics.
 
-    ``engine.state.output`` holds ``image_embedding (B, E)``, ``text_embedding (B, E)`` and ``keys``
-    ``(B, 2)`` (study and report keys, see `scripts.losses.pair_keys`), the input of
-    `scripts.metrics.RetrievalRecall`. The network runs in eval mode without gradients. The other
+    ``engine.state.output`` holds ``image_embedding (B, E)``, ``text_embedding (B, E)``, ``keys``
+    ``(B, 2)`` (study and report keys, see `scripts.losses.pair_keys`) and ``case_index (B,)``, the input
+    of `scripts.metrics.RetrievalRecall` (which counts each case once under DDP). The network runs in eval mode without gradients. The other
     arguments are the parent's.
 
     Args:
@@ -269,6 +269,7 @@ class ContrastiveEvaluator(SupervisedEvaluator):
             "image_embedding": out["image_features"]["global_embedding"].float(),
             "text_embedding": out["text_embedding"].float(),
             "keys": keys,
+            "case_index": torch.as_tensor(batchdata["case_index"]).long(),
         }
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)

@@ -41,7 +41,6 @@ from . import metrics as M
 from . import visualize
 from .data.ctrate import FINDINGS
 from .engines import _autocast_dtype, _contrastive_batch
-from .losses import positive_groups
 from .networks.slice_attention import slice_distance_index
 
 logger = logging.getLogger(__name__)
@@ -371,14 +370,10 @@ class EvaluationReport:
         data = [self.dataset.data[i] for i in case_index.tolist()]
         report: dict = {"cases": int(case_index.numel())}
         # retrieval: one volume per study (CT-CLIP protocol), duplicates of a report are one group
-        keep = list(range(len(data)))
-        if self.one_per_study:
-            keep = M.select_one_per_study(rows["keys"][:, 0].tolist(), case_index.tolist())
-        keep_t = torch.tensor(keep, dtype=torch.long)
-        groups = positive_groups(rows["keys"][keep_t])
-        pool = self.pool_size if self.pool_size is None or self.pool_size <= len(keep) else None
-        retrieval = M.retrieval_metrics(rows["image"][keep_t], rows["text"][keep_t], groups, self.retrieval_ks, self.tie_mode, pool, self.seed)
-        retrieval["protocol"]["one_per_study"] = self.one_per_study
+        retrieval, keep, groups = M.study_retrieval(
+            case_index, rows["image"], rows["text"], rows["keys"], self.retrieval_ks, self.tie_mode, self.one_per_study,
+            self.pool_size, self.seed,
+        )  # fmt: skip
         report["retrieval"] = retrieval
         # zero-shot classification with CT-CLIP's prompts
         logit_scale = float(self.model.logit_scale().detach())

@@ -435,6 +435,43 @@ def retrieval_metrics(
     return report
 
 
+def study_retrieval(
+    case_index: torch.Tensor,
+    image_embedding: torch.Tensor,
+    text_embedding: torch.Tensor,
+    keys: torch.Tensor,
+    ks: Sequence[int] = RETRIEVAL_KS,
+    tie_mode: str = "mean",
+    one_per_study: bool = True,
+    pool_size: int | None = None,
+    seed: int = 0,
+) -> tuple[dict, list[int], torch.Tensor]:
+    """`retrieval_metrics` over the cases of an evaluation, one volume per study when asked (CT-CLIP).
+
+    Args:
+        case_index: ``(M,)`` case keys (sorted, as `gather_cases` returns them).
+        image_embedding, text_embedding: ``(M, E)``.
+        keys: ``(M, 2)`` study and report keys (`scripts.losses.pair_keys`).
+        ks, tie_mode, pool_size, seed: as `retrieval_metrics`; a ``pool_size`` larger than the number
+            of kept pairs falls back to the whole set.
+        one_per_study: keep the lowest case index of each study (`select_one_per_study`).
+
+    Returns:
+        ``(report, kept row positions, group ids of the kept rows)``; the report's ``protocol`` also
+        records ``cases`` and ``one_per_study``.
+    """
+    if one_per_study:
+        keep = select_one_per_study(keys[:, 0].tolist(), case_index.tolist())
+    else:
+        keep = list(range(case_index.shape[0]))
+    rows = torch.tensor(keep, dtype=torch.long)
+    groups = positive_groups(keys[rows])
+    pool = pool_size if pool_size is None or pool_size <= len(keep) else None
+    report = retrieval_metrics(image_embedding[rows], text_embedding[rows], groups, ks, tie_mode, pool, seed)
+    report["protocol"].update(cases=int(case_index.shape[0]), one_per_study=one_per_study)
+    return report, keep, groups
+
+
 class RetrievalRecall(Metric):
     """Mean Recall@K over the cut-offs ``ks`` and retrieval ``directions`` of one evaluation pass.
 
@@ -1152,14 +1189,10 @@ class RetrievalEvaluation(Metric):
 
     def compute(self) -> dict:
         case_index, rows = self._rows.gather()
-        keys = rows["keys"].cpu()
-        if self.one_per_study:
-            keep = torch.tensor(select_one_per_study(keys[:, 0].tolist(), case_index.tolist()), dtype=torch.long)
-        else:
-            keep = torch.arange(case_index.shape[0])
-        groups = positive_groups(keys[keep])
-        report = retrieval_metrics(rows["image"][keep], rows["text"][keep], groups, self.ks, self.tie_mode, self.pool_size, self.seed)
-        report["protocol"].update(cases=int(case_index.shape[0]), one_per_study=self.one_per_study)
+        report, _, _ = study_retrieval(
+            case_index.cpu(), rows["image"].cpu(), rows["text"].cpu(), rows["keys"].cpu(), self.ks, self.tie_mode,
+            self.one_per_study, self.pool_size, self.seed,
+        )  # fmt: skip
         return report
 
 
