@@ -30,17 +30,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
-from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
-from monai.inferers import Inferer
 from monai.transforms import LoadImage, MapTransform, ResampleToMatch
 from monai.utils.enums import CommonKeys as Keys
-from torch.utils.data import DataLoader
 
 from . import metrics as M
 from . import visualize
 from .data.ctrate import FINDINGS
-from .engines import _autocast_dtype, _contrastive_batch
+from .engines import ContrastiveEvaluator, _contrastive_batch
 from .networks.slice_attention import slice_distance_index
 
 logger = logging.getLogger(__name__)
@@ -94,7 +91,7 @@ def network_grid_affine(grid_affine: torch.Tensor, grid_shape: Sequence[int], in
     return np.asarray(grid_affine, dtype=np.float64) @ shift
 
 
-class CTReportEvaluator(SupervisedEvaluator):
+class CTReportEvaluator(ContrastiveEvaluator):
     """`SupervisedEvaluator` that embeds CTs, reports and reasoning steps for the evaluation report.
 
     ``network`` is the `CTReportCLIP` (not DDP-wrapped). Per iteration ``engine.state.output`` holds, for
@@ -104,30 +101,8 @@ class CTReportEvaluator(SupervisedEvaluator):
     ``region_mention (B, R)`` (the report has a sentence on the region that is not normal),
     ``step_embedding (S, E)``, ``step_key (S, 2)`` = (case index, step index), ``step_tags (S, R)``,
     ``grid_affine``, ``grid_shape``, ``texts``; and ``cls_attention (B, N)`` (last block, mean over heads).
-    The other arguments are the parent's.
-
-    Args:
-        autocast_dtype: ``"bfloat16"``, ``"float16"`` or ``None``.
+    The arguments are `ContrastiveEvaluator`'s.
     """
-
-    def __init__(
-        self,
-        device: str | torch.device,
-        val_data_loader: DataLoader,
-        network: torch.nn.Module,
-        inferer: Inferer | None = None,
-        val_handlers: Sequence | None = None,
-        autocast_dtype: str | None = None,
-    ) -> None:
-        super().__init__(
-            device=torch.device(device),
-            val_data_loader=val_data_loader,
-            network=network,
-            inferer=inferer,
-            val_handlers=val_handlers,
-            decollate=False,
-        )
-        self.autocast_dtype = _autocast_dtype(autocast_dtype)
 
     def _iteration(self, engine: CTReportEvaluator, batchdata: dict) -> dict:
         image, texts, keys = _contrastive_batch(batchdata, engine.state.device, engine.non_blocking)
@@ -251,7 +226,8 @@ class EvaluationReport:
         templates: zero-shot ``(present, absent)`` prompt pairs, averaged when several.
         retrieval_ks, tie_mode, pool_size, one_per_study: the retrieval protocol (`retrieval_metrics`).
         threshold_method, n_bootstrap, seed: the classification protocol (`classification_metrics`).
-        num_maps: cases (lowest case indices) that get text-to-patch and CLS attention maps.
+        num_maps: cases (lowest case indices) that get CLS attention maps and, with a local projection
+            head, report-to-patch similarity maps.
         summary_writer_dir: TensorBoard folder for the figures, or ``None``.
 
     Raises:
@@ -328,7 +304,7 @@ class EvaluationReport:
         if out["step_embedding"] is not None and out["step_key"].shape[0]:
             self.steps.update(out["step_key"], {"embedding": out["step_embedding"], "tags": out["step_tags"]})
         for row, case in enumerate(out["case_index"].tolist()):
-            if case < self.num_maps and "local_embedding" in feats and out["grid_affine"] is not None:
+            if case < self.num_maps and out["grid_affine"] is not None:
                 self._save_maps(case, row, out)
 
     def _save_maps(self, case: int, row: int, out: dict) -> None:
@@ -336,10 +312,9 @@ class EvaluationReport:
         feats = out["features"]
         grid = self._patch_grid()
         case_id = self.dataset.data[case].get("case_id", str(case))
-        maps = {
-            "text_to_patch": M.text_patch_similarity(feats["local_embedding"][row], out["text_embedding"][row], grid),
-            "cls_attention": out["cls_attention"][row].reshape(grid),
-        }
+        maps = {"cls_attention": out["cls_attention"][row].reshape(grid)}
+        if "local_embedding" in feats:  # the report-to-patch map needs the local projection head
+            maps["text_to_patch"] = M.text_patch_similarity(feats["local_embedding"][row], out["text_embedding"][row], grid)
         for name, patch_map in maps.items():
             save_map_on_ct(
                 patch_map, out["grid_affine"][row], out["grid_shape"][row], self.input_size, out[Keys.IMAGE][row, 0],

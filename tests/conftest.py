@@ -64,6 +64,16 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     return path
 
 
+def bundle_parser(*configs: str):
+    """A `ConfigParser` of the bundle's configs (file names under configs/), rooted at the bundle."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / "configs" / c) for c in configs])
+    parser["bundle_root"] = str(BUNDLE_ROOT)
+    return parser
+
+
 def tiny_encoder(region_map, **overrides):
     """A small `AnatomyAwareCTEncoder` for fast CPU tests (patch (4, 8, 8), width 32)."""
     from scripts.networks import AnatomyAwareCTEncoder

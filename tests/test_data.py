@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
+from conftest import bundle_parser
 from monai.transforms import Compose
 
 from scripts.data import CheckSameGridd, assemble_report, load_datalist, split_sentences
@@ -17,11 +17,8 @@ LIVER = 5  # TotalSegmentator v2 "liver"
 
 
 @pytest.fixture(scope="module")
-def demo_parser(bundle_root):
-    parser = ConfigParser()
-    parser.read_config([str(bundle_root / "configs/train.json"), str(bundle_root / "configs/demo.json")])
-    parser["bundle_root"] = str(bundle_root)
-    return parser
+def demo_parser():
+    return bundle_parser("train.json", "demo.json")
 
 
 @pytest.fixture(scope="module")

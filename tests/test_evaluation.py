@@ -11,11 +11,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser, ConfigWorkflow
+from conftest import bundle_parser
+from monai.bundle import ConfigWorkflow
 from monai.transforms import Compose
 
 from scripts.data import FINDINGS
-from scripts.evaluation import load_prompt_templates, network_grid_affine, save_map_on_ct
+from scripts.evaluation import (
+    load_prompt_templates,
+    network_grid_affine,
+    save_map_on_ct,
+)
 
 CONFIGS = ("train.json", "demo.json", "ablation.json", "evaluate.json")
 LIVER = 5
@@ -45,9 +50,7 @@ def _evaluate(bundle_root, tmp_path, checkpoint, **override) -> dict:
 def checkpoint(bundle_root, tmp_path_factory):
     """An (untrained) demo-size CLIP model with region, local, segmentation and finding heads, saved
     the way training saves ``model_clip.pt``."""
-    parser = ConfigParser()
-    parser.read_config([str(bundle_root / "configs" / c) for c in CONFIGS])
-    parser["bundle_root"] = str(bundle_root)
+    parser = bundle_parser(*CONFIGS)
     torch.manual_seed(0)
     model = parser.get_parsed_content("clip_model")
     path = tmp_path_factory.mktemp("ckpt") / "model_clip.pt"
@@ -102,9 +105,7 @@ def test_evaluation_on_the_ct_rate_layout_defines_what_the_labels_allow(bundle_r
 
 def test_map_peak_lands_in_the_named_region_on_the_ct_grid(bundle_root, sample_datalist, sample_dir, tmp_path):
     """A map that peaks at the patch with the most liver comes back onto the CT file inside its liver."""
-    parser = ConfigParser()
-    parser.read_config([str(bundle_root / "configs" / c) for c in CONFIGS])
-    parser["bundle_root"] = str(bundle_root)
+    parser = bundle_parser(*CONFIGS)
     item = max(sample_datalist["validation"], key=lambda it: (np.asanyarray(nib.load(sample_dir / it["seg"]).dataobj) == LIVER).sum())
     files = {"image": str(sample_dir / item["image"]), "seg": str(sample_dir / item["seg"])}
     chain = Compose(parser.get_parsed_content("evaluate#preprocessing"))
