@@ -33,6 +33,11 @@ class RegionMap:
     def num_regions(self) -> int:
         return len(self.names)
 
+    @property
+    def max_class_id(self) -> int:
+        """The largest label id of the class map (117 for TotalSegmentator v2)."""
+        return max(self.class_names)
+
 
 def load_region_map(path: str | Path) -> RegionMap:
     """Read a region map JSON and resolve its TotalSegmentator class names to label ids.

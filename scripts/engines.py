@@ -178,7 +178,12 @@ class ContrastiveTrainer(SupervisedTrainer):
                     step_region_present=features["region_present"],
                 )
             if "local" in enabled:  # patch-token alignment within this rank's batch
-                inputs.update(local_emb=features["local_embedding"], token_emb=out["token_embedding"], token_mask=out["token_mask"])
+                inputs.update(
+                    local_emb=features["local_embedding"],
+                    token_emb=out["token_embedding"],
+                    token_mask=out["token_mask"],
+                    local_group_ids=positive_groups(keys.to(device)),  # this rank's items only
+                )
             if "segmentation" in enabled:
                 inputs.update(
                     segmentation_logits=features["segmentation_logits"],

@@ -214,6 +214,33 @@ def save_map_on_ct(
     return path
 
 
+def _value(entry) -> str:
+    """A report entry as text: the number, or ``null (reason)``."""
+    if not isinstance(entry, dict) or "value" not in entry:
+        return "n/a"
+    return f"{entry['value']:.3f}" if entry["value"] is not None else f"null ({entry.get('reason', '')})"
+
+
+def summary(report: dict) -> str:
+    """The headline numbers of an evaluation report, one line each, for the console."""
+    lines = []
+    for direction in ("image_to_text", "text_to_image"):
+        entry = report["retrieval"][direction]
+        recalls = ", ".join(f"R@{k} {_value(entry[f'recall@{k}'])}" for k in (1, 5, 10))
+        lines.append(f"retrieval {direction}: {recalls}, mean rank {_value(entry['mean_rank'])} (chance R@1 {_value(entry['chance']['recall@1'])})")
+    for section in ("zero_shot", "finding_head"):
+        if "macro" in report[section]:
+            aurocs = ", ".join(f"{name} {_value(m['auroc'])}" for name, m in report[section]["macro"].items())
+            lines.append(f"{section} macro AUROC: {aurocs}")
+        else:
+            lines.append(f"{section}: {_value(report[section])}")
+    grounding = report["grounding"]
+    lines.append(f"report-region AUROC: {_value(grounding['report_region_auroc']['pooled']) if 'report_region_auroc' in grounding else _value(grounding)}")
+    cot = report["chain_of_thought"]
+    lines.append(f"chain of thought: step->region accuracy {_value(cot['step_region_accuracy']) if 'step_region_accuracy' in cot else _value(cot)}")
+    return "\n".join(lines)
+
+
 class EvaluationReport:
     """Ignite handler of `CTReportEvaluator`: accumulate per-case rows, then write metrics, CSV, figures, maps.
 
@@ -333,7 +360,7 @@ class EvaluationReport:
         report = self._report(case_index, rows, step_key, step_rows)
         (self.output_dir / "metrics.json").write_text(json.dumps(report, indent=4, allow_nan=False) + "\n")
         engine.state.metrics["evaluation_report"] = report
-        logger.info(f"evaluation of {case_index.numel()} cases written to {self.output_dir}")
+        logger.info(f"evaluation of {case_index.numel()} cases written to {self.output_dir}\n{summary(report)}")
 
     def _any_steps(self) -> bool:
         has = torch.tensor([1 if self.steps._keys else 0], device=self.device)

@@ -481,7 +481,7 @@ class MultiLevelLoss(nn.Module):
     - ``step``: `StepRegionLoss` (``step_emb``, ``step_item``, ``step_regions``, ``step_region_emb``,
       ``step_region_present``);
     - ``local``: `LocalAlignmentLoss`, FILIP arXiv:2111.07783 (``local_emb``, ``token_emb``, ``token_mask``,
-      ``group_ids``);
+      ``local_group_ids``, or ``group_ids`` when the local inputs are not gathered as the global ones are);
     - ``segmentation``: `SegmentationLoss` (``segmentation_logits``, ``patch_to_region``, ``background_fraction``);
     - ``finding``: `FindingLoss` (``finding_logits``, ``finding_labels``).
 
@@ -553,6 +553,7 @@ class MultiLevelLoss(nn.Module):
         local_emb: torch.Tensor | None = None,
         token_emb: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
+        local_group_ids: torch.Tensor | None = None,
         segmentation_logits: torch.Tensor | None = None,
         patch_to_region: torch.Tensor | None = None,
         background_fraction: torch.Tensor | None = None,
@@ -593,7 +594,8 @@ class MultiLevelLoss(nn.Module):
             )
         if "local" in self.weights:
             self._require("local", {"local_emb": local_emb, "token_emb": token_emb, "token_mask": token_mask})
-            out["local"] = self.terms["local"](local_emb, token_emb, token_mask, logit_scale, group_ids)
+            local_groups = local_group_ids if local_group_ids is not None else group_ids
+            out["local"] = self.terms["local"](local_emb, token_emb, token_mask, logit_scale, local_groups)
         if "segmentation" in self.weights:
             self._require(
                 "segmentation",

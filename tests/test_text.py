@@ -33,10 +33,12 @@ def test_frozen_text_tower_trains_only_its_projection(tiny_bert_dir):
     trainable = HFTextEncoder(tiny_bert_dir, projection_dim=16, trainable=True).train()
     trainable(["Heart size normal."]).sum().backward()
     assert all(p.grad is not None for p in trainable.model.parameters() if p.requires_grad)
-    with pytest.raises(ValueError, match="trainable must be a bool"):
+    with pytest.raises(ValueError, match="text_trainable must be True or False"):
         HFTextEncoder(tiny_bert_dir, trainable="false")
     with pytest.raises(ValueError, match="pooling"):
         HFTextEncoder(tiny_bert_dir, pooling="max")
+    with pytest.raises(ValueError, match="text model folder /nonexistent/bert does not exist"):
+        HFTextEncoder("/nonexistent/bert")
 
 
 def test_clip_wrapper_outputs_and_logit_scale(tiny_bert_dir, region_map):

@@ -111,10 +111,11 @@ def test_demo_job_ends_above_chance(bundle_root, tmp_path):
 
 
 def test_multi_gpu_config_trains_with_two_processes(bundle_root, tmp_path):
-    """torchrun with two CPU processes (gloo): DDP, distributed samplers, logging and saving on rank 0."""
+    """torchrun with two CPU processes (gloo): DDP with every loss term on, distributed samplers, logging
+    and saving on rank 0."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run", "training",
-        "--config_file", "['configs/train.json','configs/demo.json','configs/multi_gpu_train.json']",
+        "--config_file", "['configs/train.json','configs/demo.json','configs/ablation.json','configs/multi_gpu_train.json']",
         "--max_epochs", "2", "--val_interval", "1",
         "--ckpt_dir", str(tmp_path / "models"), "--log_dir", str(tmp_path / "logs"), "--cache_dir", str(tmp_path / "cache"),
     ]  # fmt: skip
@@ -122,4 +123,5 @@ def test_multi_gpu_config_trains_with_two_processes(bundle_root, tmp_path):
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     output = done.stdout + done.stderr
     assert output.count("Epoch[2] Metrics -- train_mean_loss") == 1  # stats from rank 0 only
+    assert "loss_local" in output and "loss_region" in output and "loss_step" in output
     assert (tmp_path / "models/model.pt").is_file() and (tmp_path / "models/model_clip.pt").is_file()

@@ -9,6 +9,7 @@ from .reports import assemble_report, fit_report, split_cot_steps, split_sentenc
 from .transforms import (
     BadCaseError,
     ChainOfThoughtd,
+    CheckLabelIdsd,
     CheckMinSlicesd,
     CheckSameGridd,
     CompareSpacingd,

@@ -3,25 +3,42 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
-from monai.data import PersistentDataset, list_data_collate
+from monai.data import MetaTensor, PersistentDataset, list_data_collate
+from monai.data.utils import pickle_hashing
 
+from ..flags import require_bool
 from .transforms import BadCaseError
 
 logger = logging.getLogger(__name__)
 
 # per-item fields whose length varies between items: kept as lists, one entry per item
 LIST_KEYS = ("region_text", "cot_steps", "region_sentences")
+FILE_KEYS = ("image", "seg")
 
 
 def collate_reports(batch: Sequence[dict]) -> dict:
     """Collate CT-report items: tensors and strings as MONAI's `list_data_collate` does, and the
-    variable-length fields of `LIST_KEYS` as plain lists (``batch["cot_steps"][i]`` is item ``i``'s)."""
+    variable-length fields of `LIST_KEYS` as plain lists (``batch["cot_steps"][i]`` is item ``i``'s).
+    Tensors are collated without metadata (items read from the cache and computed afresh then agree)."""
     lists = {k: [item[k] for item in batch] for k in LIST_KEYS if k in batch[0]}
-    collated = list_data_collate([{k: v for k, v in item.items() if k not in lists} for item in batch])
+    plain = [{k: v.as_tensor() if isinstance(v, MetaTensor) else v for k, v in item.items() if k not in lists} for item in batch]
+    collated = list_data_collate(plain)
     collated.update(lists)
     return collated
+
+
+def item_hash(item: dict) -> bytes:
+    """Cache key of a datalist item: the item itself plus the size and modification time of its files, so
+    a CT or mask replaced at the same path is preprocessed again instead of read from a stale cache."""
+    stamps = {}
+    for key in FILE_KEYS:
+        if isinstance(item.get(key), str) and os.path.exists(item[key]):
+            stat = os.stat(item[key])
+            stamps[key] = (stat.st_size, stat.st_mtime_ns)
+    return pickle_hashing({"item": item, "files": stamps})
 
 
 def _bad_case(err: BaseException) -> BadCaseError | None:
@@ -35,20 +52,33 @@ def _bad_case(err: BaseException) -> BadCaseError | None:
     return None
 
 
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
 class CTReportDataset(PersistentDataset):
     """`PersistentDataset` whose deterministic preprocessing is cached on disk, and which can skip bad cases.
 
-    With ``skip_bad_cases=True`` a case refused by a check (`BadCaseError`: mask on another grid, CT not
-    in HU, too few slices) is logged once with its file name and replaced by the next good case, so
-    one broken volume never stops a long run and is never trained on. Other errors still raise.
-    ``bad_cases`` holds the refused indices and messages of this process.
+    The cache keeps MetaTensors with their metadata (affine, file name) and keys each case by its
+    datalist entry and the size and time stamp of its files (`item_hash`). With ``skip_bad_cases=True``
+    a case that cannot be preprocessed (a check's `BadCaseError`: mask on another grid, CT not in HU, too
+    few slices, ids that are not TotalSegmentator's; or any error while reading it, such as a truncated
+    ``.nii.gz``) is logged once with its file names and replaced by the next good case, so one broken
+    volume neither stops a long run nor is trained on. More than ``max_bad_fraction`` of the cases
+    refused stops the run: that is a data problem, not a few bad volumes. ``bad_cases`` holds the
+    refused indices and messages of this process.
 
     The other arguments are `PersistentDataset`'s: set ``hash_transform`` (e.g.
-    ``monai.data.utils.pickle_hashing``) so a changed preprocessing never reuses a stale cache.
+    ``monai.data.utils.pickle_hashing``) so a changed preprocessing never reuses a stale cache. The cache
+    is read with ``weights_only=False`` (it holds MetaTensors): point ``cache_dir`` at a folder only this
+    bundle writes.
 
     Raises:
-        BadCaseError: a refused case, when ``skip_bad_cases=False``.
-        RuntimeError: every case was refused.
+        BadCaseError: a refused case, when ``skip_bad_cases=False`` (the check's own message).
+        RuntimeError: more than ``max_bad_fraction`` of the cases refused, or every case refused.
+        ValueError: ``skip_bad_cases`` is not a bool.
     """
 
     def __init__(
@@ -58,9 +88,19 @@ class CTReportDataset(PersistentDataset):
         cache_dir: str | None,
         hash_transform=None,
         skip_bad_cases: bool = True,
+        max_bad_fraction: float = 0.1,
     ) -> None:
-        super().__init__(data=data, transform=transform, cache_dir=cache_dir, hash_transform=hash_transform)
-        self.skip_bad_cases = skip_bad_cases
+        super().__init__(
+            data=data,
+            transform=transform,
+            cache_dir=cache_dir,
+            hash_func=item_hash,
+            hash_transform=hash_transform,
+            track_meta=True,
+            weights_only=False,
+        )
+        self.skip_bad_cases = require_bool(skip_bad_cases, "skip_bad_cases")
+        self.max_bad_fraction = max_bad_fraction
         self.bad_cases: dict[int, str] = {}
 
     def _transform(self, index: int):
@@ -72,10 +112,18 @@ class CTReportDataset(PersistentDataset):
                 return super()._transform(i)
             except Exception as err:
                 bad = _bad_case(err)
-                if bad is None:
-                    raise
                 if not self.skip_bad_cases:
+                    if bad is None:
+                        raise
                     raise bad from err  # the check's own message, not MONAI's wrapper
-                self.bad_cases[i] = str(bad)
-                logger.warning(f"skipping case {i} ({len(self.bad_cases)} skipped so far): {bad}")
+                files = ", ".join(str(self.data[i][k]) for k in FILE_KEYS if k in self.data[i])
+                cause = _root_cause(err)
+                self.bad_cases[i] = str(bad) if bad is not None else f"{files}: {type(cause).__name__}: {cause}"
+                logger.warning(f"skipping case {i} ({len(self.bad_cases)} of {len(self.data)} refused so far): {self.bad_cases[i]}")
+                if len(self.bad_cases) > max(1, self.max_bad_fraction * len(self.data)):
+                    shown = "\n  ".join(list(self.bad_cases.values())[:10])
+                    raise RuntimeError(
+                        f"{len(self.bad_cases)} of {len(self.data)} cases refused, more than max_bad_fraction="
+                        f"{self.max_bad_fraction}; first:\n  {shown}"
+                    ) from err
         raise RuntimeError(f"all {len(self.data)} cases were refused; first: {next(iter(self.bad_cases.values()))}")

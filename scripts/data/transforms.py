@@ -15,6 +15,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transposed
 
+from ..flags import require_bool
 from .lexicon import RegionLexicon
 from .reports import split_cot_steps, split_sentences
 
@@ -156,12 +157,13 @@ class RescaleToHUd(MapTransform):
 
     Raises:
         BadCaseError: the air check fails, or the image was already rescaled; the message names the file.
+        ValueError: ``check_air`` is not a bool.
     """
 
     def __init__(self, keys: KeysCollection, air_hu: Sequence[float] = (-1100.0, -900.0), check_air: bool = True) -> None:
         super().__init__(keys)
         self.air_hu = (float(air_hu[0]), float(air_hu[1]))
-        self.check_air = check_air
+        self.check_air = require_bool(check_air, "hu_air_check")
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -186,6 +188,31 @@ class RescaleToHUd(MapTransform):
                         f"rescale slope={slope} intercept={intercept}: the volume is not in HU or was rescaled twice"
                     )
         return d
+
+
+class CheckLabelIdsd(MapTransform):
+    """Refuse a label map that is not TotalSegmentator v2 ids: values outside ``[0, max_id]`` or not whole.
+
+    Run it before the label map is cast to a compact integer type (a cast would wrap 318 to 62, a real
+    organ). A probability map or a label map of another class set is refused instead of read as anatomy.
+
+    Raises:
+        BadCaseError: the message names the file and the offending values.
+    """
+
+    def __init__(self, keys: KeysCollection, max_id: int = 117) -> None:
+        super().__init__(keys)
+        self.max_id = int(max_id)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        for key in self.keys:
+            labels = data[key].as_tensor() if hasattr(data[key], "as_tensor") else torch.as_tensor(data[key])
+            low, high = float(labels.min()), float(labels.max())
+            if low < 0 or high > self.max_id or not torch.equal(labels, labels.round()):
+                found = torch.unique(labels)[:10].tolist()
+                raise BadCaseError(f"{_source_name(data[key])}: label values in [{low:g}, {high:g}] (first: {found}) are not "
+                                   f"TotalSegmentator v2 ids 0..{self.max_id}")
+        return dict(data)
 
 
 class CheckMinSlicesd(MapTransform):

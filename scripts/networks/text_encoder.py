@@ -35,7 +35,7 @@ class HFTextEncoder(nn.Module):
         embeddings ``(B, L, E)`` and the attention mask ``(B, L)``.
 
     Raises:
-        ValueError: unknown ``pooling``, non-bool ``trainable``. OSError (from `transformers`): the model cannot be found.
+        ValueError: unknown ``pooling``, a flag that is not a bool, a local path that does not exist. OSError (from `transformers`): the model cannot be found.
     """
 
     def __init__(
@@ -50,8 +50,12 @@ class HFTextEncoder(nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        if not isinstance(trainable, bool):
-            raise ValueError(f"trainable must be a bool, got {trainable!r}")
+        for key, value in (("text_trainable", trainable), ("gradient_checkpointing", gradient_checkpointing)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{key} must be True or False, got {value!r}")
+        name = str(model_name_or_path)
+        if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
+            raise ValueError(f"text model folder {name} does not exist (text_model_name: a local folder or a hub id)")
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_name_or_path))
         self.model = AutoModel.from_pretrained(str(model_name_or_path), add_pooling_layer=False)
         self.model.requires_grad_(trainable)

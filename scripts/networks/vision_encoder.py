@@ -64,8 +64,9 @@ class AnatomyAwareCTEncoder(nn.Module):
         finding_probe: detach the finding head's input, so it is a linear probe of the encoder.
 
     Raises:
-        ValueError: bad ``projection_heads`` or an input that is not ``(B, 2, D, H, W)``; see also the
-            parts' own errors (sizes not multiples of the patch, unknown options).
+        ValueError: bad ``projection_heads``, a flag that is not a bool, an ``input_size`` that is not a
+            multiple of ``patch_size``, or an input that is not ``(B, 2, D, H, W)``; see also the parts'
+            own errors (sizes not multiples of the patch, unknown options).
     """
 
     def __init__(
@@ -92,6 +93,13 @@ class AnatomyAwareCTEncoder(nn.Module):
         unknown = set(projection_heads) - set(PROJECTION_HEADS)
         if unknown or "global" not in projection_heads:
             raise ValueError(f"projection_heads must include 'global' and come from {PROJECTION_HEADS}, got {projection_heads}")
+        flags = {"gradient_checkpointing": gradient_checkpointing, "segmentation_head": segmentation_head,
+                 "finding_head": finding_head, "finding_probe": finding_probe}  # fmt: skip
+        for key, value in flags.items():
+            if not isinstance(value, bool):
+                raise ValueError(f"{key} must be True or False, got {value!r}")
+        if any(int(s) % int(p) for s, p in zip(input_size, patch_size)):
+            raise ValueError(f"input_size {tuple(input_size)} (D, H, W) is not a multiple of patch_size {tuple(patch_size)}")
         grid_size = [int(s) // int(p) for s, p in zip(input_size, patch_size)]
         self.patch_embed = PatchEmbedding3D(1, embed_dim, patch_size, grid_size, pos_embed_type)
         self.anatomy = AnatomyEncoder(region_class_ids, embed_dim, patch_size)
