@@ -62,13 +62,14 @@ def _workflow(variant: dict, epochs: int, seed: int, work: Path) -> ConfigWorkfl
 
 
 @torch.no_grad()
-def _embed(model, dataset) -> dict:
-    """Features of every item of a dataset, in order, with the eval-mode model."""
+def _embed(model, dataset, window) -> dict:
+    """Features of every item of a dataset, in order, with the eval-mode model (``window``: the packed
+    input's HU window, `scripts.data.WindowPackedCT`)."""
     model.eval()
     rows: dict[str, list] = {"image": [], "text": [], "keys": [], "local": [], "p2r": [], "bg": [], "seg": []}
     for i in range(len(dataset)):
         item = dataset[i]
-        out = model(item["image"][None], [item["text"]])
+        out = model(window(item["image"][None]), [item["text"]])
         features = out["image_features"]
         rows["image"].append(features["global_embedding"])
         rows["text"].append(out["text_embedding"])
@@ -104,8 +105,9 @@ def run(epochs: int, seed: int) -> dict:
             workflow.initialize()
             workflow.run()
             model = workflow.parser.get_parsed_content("network")
-            train = _embed(model, workflow.parser.get_parsed_content("train#dataset"))
-            val = _embed(model, workflow.parser.get_parsed_content("validate#dataset"))
+            window = workflow.parser.get_parsed_content("input_window")
+            train = _embed(model, workflow.parser.get_parsed_content("train#dataset"), window)
+            val = _embed(model, workflow.parser.get_parsed_content("validate#dataset"), window)
             workflow.finalize()
             retrieval = retrieval_metrics(val["image"], val["text"], positive_groups(val["keys"]), ks=(1, 5))
             result = {

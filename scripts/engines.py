@@ -61,14 +61,32 @@ def _autocast_dtype(name: str | None) -> torch.dtype | None:
     return AUTOCAST_DTYPES[name]
 
 
-def _contrastive_batch(batchdata: dict, device: torch.device, non_blocking: bool) -> tuple:
-    """``(image (B, 2, D, H, W), texts, keys (B, 2))`` of a collated batch with image, text and study."""
+def _contrastive_batch(
+    batchdata: dict, device: torch.device, non_blocking: bool, image_transform: Callable | None = None
+) -> tuple:
+    """``(image (B, 2, D, H, W), texts, keys (B, 2))`` of a collated batch with image, text and study.
+
+    The packed image moves to ``device`` as it comes from the data loader (int16 HU and label ids from
+    ``pack_transforms``); ``image_transform`` (`scripts.data.WindowPackedCT`) then makes the float32
+    network input there.
+
+    Raises:
+        ValueError: no batch; an integer image and no ``image_transform`` to window it.
+    """
     if batchdata is None:
         raise ValueError("Must provide batch data for current iteration.")
     image = batchdata[Keys.IMAGE]
     image = image.as_tensor() if hasattr(image, "as_tensor") else image
+    image = image.to(device, non_blocking=non_blocking)
+    if image_transform is not None:
+        image = image_transform(image)
+    elif not image.is_floating_point():
+        raise ValueError(
+            f"the batch image is {image.dtype} (HU and label ids from pack_transforms) and the engine has no "
+            "image_transform to window it: pass image_transform=scripts.data.WindowPackedCT(hu_window)"
+        )
     texts = list(batchdata["text"])
-    return image.to(device, non_blocking=non_blocking), texts, pair_keys(batchdata["study"], texts)
+    return image, texts, pair_keys(batchdata["study"], texts)
 
 
 class ContrastiveTrainer(SupervisedTrainer):
@@ -87,9 +105,12 @@ class ContrastiveTrainer(SupervisedTrainer):
     Args:
         autocast_dtype: ``"bfloat16"``, ``"float16"`` (with a gradient scaler) or ``None`` (float32).
         max_grad_norm: clip the global gradient norm to this value; ``None`` disables clipping.
+        image_transform: applied to the packed image on ``device`` (`scripts.data.WindowPackedCT`, the HU
+            window); ``None`` when the loader already yields the float network input.
 
     Raises:
-        ValueError: unknown ``autocast_dtype``; a batch that is ``None``.
+        ValueError: unknown ``autocast_dtype``; a training loader that yields no batch (fewer items than
+            ``batch_size`` with ``drop_last``); a batch that is ``None``.
     """
 
     def __init__(
@@ -109,8 +130,15 @@ class ContrastiveTrainer(SupervisedTrainer):
         optim_set_to_none: bool = True,
         autocast_dtype: str | None = None,
         max_grad_norm: float | None = None,
+        image_transform: Callable | None = None,
     ) -> None:
         device = torch.device(device)
+        if isinstance(train_data_loader, DataLoader) and len(train_data_loader) == 0:
+            raise ValueError(
+                f"the training data loader yields no batch: {len(train_data_loader.sampler)} items for this process "
+                f"(of {len(train_data_loader.dataset)} in the training list) with batch_size "
+                f"{train_data_loader.batch_size} and drop_last={train_data_loader.drop_last}; add data or lower batch_size"
+            )
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -129,10 +157,11 @@ class ContrastiveTrainer(SupervisedTrainer):
         )
         self.autocast_dtype = _autocast_dtype(autocast_dtype)
         self.max_grad_norm = max_grad_norm
+        self.image_transform = image_transform
         self.grad_scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
 
     def _iteration(self, engine: ContrastiveTrainer, batchdata: dict) -> dict:
-        image, texts, keys = _contrastive_batch(batchdata, engine.state.device, engine.non_blocking)
+        image, texts, keys = _contrastive_batch(batchdata, engine.state.device, engine.non_blocking, engine.image_transform)
         engine.state.output = {Keys.IMAGE: image, Keys.LABEL: None}
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
@@ -234,6 +263,7 @@ class ContrastiveEvaluator(SupervisedEvaluator):
 
     Args:
         autocast_dtype: ``"bfloat16"``, ``"float16"`` or ``None`` (float32).
+        image_transform: as `ContrastiveTrainer`'s.
     """
 
     def __init__(
@@ -248,6 +278,7 @@ class ContrastiveEvaluator(SupervisedEvaluator):
         additional_metrics: dict[str, Metric] | None = None,
         val_handlers: Sequence | None = None,
         autocast_dtype: str | None = None,
+        image_transform: Callable | None = None,
     ) -> None:
         super().__init__(
             device=torch.device(device),
@@ -262,9 +293,10 @@ class ContrastiveEvaluator(SupervisedEvaluator):
             decollate=False,
         )
         self.autocast_dtype = _autocast_dtype(autocast_dtype)
+        self.image_transform = image_transform
 
     def _iteration(self, engine: ContrastiveEvaluator, batchdata: dict) -> dict:
-        image, texts, keys = _contrastive_batch(batchdata, engine.state.device, engine.non_blocking)
+        image, texts, keys = _contrastive_batch(batchdata, engine.state.device, engine.non_blocking, engine.image_transform)
         device_type = torch.device(engine.state.device).type
         with engine.mode(engine.network):
             with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):

@@ -105,7 +105,7 @@ class CTReportEvaluator(ContrastiveEvaluator):
     """
 
     def _iteration(self, engine: CTReportEvaluator, batchdata: dict) -> dict:
-        image, texts, keys = _contrastive_batch(batchdata, engine.state.device, engine.non_blocking)
+        image, texts, keys = _contrastive_batch(batchdata, engine.state.device, engine.non_blocking, engine.image_transform)
         model = engine.network
         steps = [(i, j, step) for i, item in enumerate(batchdata["cot_steps"]) for j, step in enumerate(item)]
         num_regions = model.image_encoder.num_regions

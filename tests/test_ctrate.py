@@ -58,6 +58,9 @@ def test_volume_names_and_study_grouping(ctrate_root, tokenizer, caplog):
 def test_missing_mask_is_an_error_by_default(ctrate_root):
     with pytest.raises(ValueError, match=r"missing mask .*train_2_a_1\.nii\.gz"):
         build_ctrate_datalist(ctrate_root / "dataset", "training", seg_dir=ctrate_root / "seg")
+    # no seg_dir: the default pattern below the download points at the CTs, which are not masks
+    with pytest.raises(ValueError, match="is the CT itself; set seg_dir"):
+        build_ctrate_datalist(ctrate_root / "dataset", "training", missing_seg="no_regions")
 
 
 def test_v1_and_v2_copies_give_identical_hu(ctrate_root, parser):

@@ -11,7 +11,8 @@ import torch
 from conftest import bundle_parser
 from monai.transforms import Compose
 
-from scripts.data import CheckSameGridd, assemble_report, load_datalist, split_sentences
+from scripts.data import CheckSameGridd, WindowPackedCT, assemble_report, load_datalist, split_sentences
+from scripts.engines import _contrastive_batch
 
 LIVER = 5  # TotalSegmentator v2 "liver"
 
@@ -67,17 +68,45 @@ def test_slice_first_permutation_on_real_ct(demo_parser, liver_case):
     pack = Compose(demo_parser.get_parsed_content("pack_transforms"))
     ras = crop(load(dict(liver_case)))
     ras_image, ras_seg = ras["image"].clone(), ras["seg"].clone()  # (1, X, Y, Z)
-    packed = pack(ras)["image"]  # (2, Z, Y, X)
-    assert packed.shape == (2, 12, 32, 32)
-    windowed = (ras_image[0].float() / 1000.0).clamp(-1, 1).permute(2, 1, 0)  # window [-1000, 1000] -> [-1, 1]
-    labels = ras_seg[0].permute(2, 1, 0).float()
-    # the content sits centred in the padded input (air -1 and background 0 around it)
-    box = tuple(slice((t - n) // 2, (t - n) // 2 + n) for t, n in zip(packed.shape[1:], windowed.shape))
-    assert torch.allclose(packed[0][box], windowed, atol=1e-6)
-    assert torch.equal(packed[1][box], labels)
-    assert packed[0].sum() - packed[0][box].sum() == -(packed[0].numel() - windowed.numel())
+    packed = pack(ras)["image"]  # (2, Z, Y, X): int16 HU and label ids, windowed on the device later
+    assert packed.shape == (2, 12, 32, 32) and packed.dtype == torch.int16
+    hu = ras_image[0].permute(2, 1, 0)
+    labels = ras_seg[0].permute(2, 1, 0)
+    # the content sits centred in the padded input (air -1000 HU and background 0 around it)
+    box = tuple(slice((t - n) // 2, (t - n) // 2 + n) for t, n in zip(packed.shape[1:], hu.shape))
+    assert torch.equal(packed[0][box], hu.to(torch.int16))
+    assert torch.equal(packed[1][box], labels.to(torch.int16))
+    assert packed[0].sum() - packed[0][box].sum() == -1000 * (packed[0].numel() - hu.numel())
+    # the network input: window [-1000, 1000] HU -> [-1, 1] on the CT channel, label ids as float
+    network_input = demo_parser.get_parsed_content("input_window")(packed[None])
+    windowed = (hu.float() / 1000.0).clamp(-1, 1)
+    assert network_input.shape == (1, 2, 12, 32, 32) and network_input.dtype == torch.float32
+    assert torch.allclose(network_input[0, 0][box], windowed, atol=1e-6)
+    assert torch.equal(network_input[0, 1], packed[1].float())
+    assert (network_input[0, 0] == -1).sum() >= packed[0].numel() - hu.numel()
     # in RAS the third array axis runs inferior -> superior; it is the first axis after the permute
     assert ras["image"].affine[2, 2] > 0
+
+
+def test_window_packed_ct_known_values_and_refusals():
+    window = WindowPackedCT([-1000, 1000])
+    packed = torch.tensor([[-3000, -1000, 0, 500, 1000, 3000], [0, 1, 5, 117, 2, 0]], dtype=torch.int16).reshape(2, 1, 1, 6)
+    out = window(packed)
+    assert out.dtype == torch.float32 and out.shape == packed.shape
+    assert out[0].flatten().tolist() == [-1.0, -1.0, 0.0, 0.5, 1.0, 1.0]
+    assert out[1].flatten().tolist() == [0.0, 1.0, 5.0, 117.0, 2.0, 0.0]
+    with pytest.raises(ValueError, match="windowed already"):
+        window(out)  # windowing twice would squash the CT to about 0
+    with pytest.raises(ValueError, match=r"\(2, D, H, W\)"):
+        window(packed[:1])
+    with pytest.raises(ValueError, match="lower < upper"):
+        WindowPackedCT([1000, -1000])
+    # an engine without the window refuses the integer batch instead of feeding int16 to the network
+    batch = {"image": packed[None], "text": ["report"], "study": ["s1"]}
+    with pytest.raises(ValueError, match="image_transform"):
+        _contrastive_batch(batch, torch.device("cpu"), False)
+    image, _, _ = _contrastive_batch(batch, torch.device("cpu"), False, window)
+    assert torch.equal(image, out[None])
 
 
 def _shifted_copy(src: str, dst, shift_mm: float) -> str:
@@ -204,6 +233,53 @@ def test_unreadable_and_replaced_files(demo_parser, liver_case, tmp_path, caplog
     assert item_hash(dict(good, image=str(copy))) != before
     with pytest.raises(ValueError, match="skip_bad_cases must be True or False"):
         CTReportDataset([good], transform, cache_dir=None, skip_bad_cases="false")
+
+
+def test_bad_cases_counted_once_across_workers_and_epochs(demo_parser, liver_case, tmp_path):
+    from monai.data import DataLoader
+
+    from scripts.data import CTReportDataset
+
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(open(liver_case["image"], "rb").read()[:2000])
+    good = dict(liver_case, text="t", labels=[float("nan")] * 18)
+    transform = Compose(demo_parser.get_parsed_content("load_transforms"))
+    items = [dict(good, image=str(corrupt))] + [dict(good, study=str(i)) for i in range(9)]  # 1 of 10 bad
+    dataset = CTReportDataset(items, transform, cache_dir=str(tmp_path / "cache"))
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=lambda b: b)
+    for _ in range(2):  # two epochs, fresh workers each time
+        assert len(list(loader)) == 10
+    assert dataset.refused_count == 1  # seen in both epochs and by either worker, counted once
+    # 3 of 10 bad is more than max_bad_fraction=0.1: the run stops although each worker sees fewer
+    items = [dict(good, image=str(corrupt), study=f"b{i}") for i in range(3)] + items[1:8]
+    dataset = CTReportDataset(items, transform, cache_dir=str(tmp_path / "cache"))
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=lambda b: b)
+    with pytest.raises(RuntimeError, match="cases refused, more than max_bad_fraction"):
+        list(loader)
+
+
+def test_unreadable_cache_file_is_recomputed_and_multichannel_ct_refused(demo_parser, liver_case, tmp_path, caplog):
+    import logging
+
+    from scripts.data import BadCaseError, CTReportDataset
+
+    good = dict(liver_case, text="t", labels=[float("nan")] * 18)
+    transform = Compose(demo_parser.get_parsed_content("load_transforms"))
+    cache = tmp_path / "cache"
+    expected = CTReportDataset([good], transform, cache_dir=str(cache))[0]["image"]
+    (cached,) = cache.glob("*.pt")
+    cached.write_bytes(cached.read_bytes()[:5000])  # truncated cache file, not a bad CT
+    dataset = CTReportDataset([good], transform, cache_dir=str(cache))
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(dataset[0]["image"], expected)
+    assert "cache file unreadable" in caplog.text and cached.name in caplog.text and not dataset.bad_cases
+    # a 4-D NIfTI (two volumes in one file) is two channels after loading: refused by name
+    img = nib.load(liver_case["image"])
+    two = np.stack([np.asanyarray(img.dataobj)] * 2, axis=-1)
+    nib.save(nib.Nifti1Image(two, img.affine), tmp_path / "two_volumes.nii.gz")
+    strict = CTReportDataset([dict(good, image=str(tmp_path / "two_volumes.nii.gz"))], transform, cache_dir=None, skip_bad_cases=False)
+    with pytest.raises(BadCaseError, match="two_volumes.nii.gz.*2 channels"):
+        strict[0]
 
 
 def test_command_line_booleans_must_be_booleans(region_map):

@@ -83,11 +83,82 @@ def test_short_training_run_loss_falls_and_checkpoints_resume(bundle_root, tmp_p
     network_def = fresh.parser.get_parsed_content("network_def")
     network_def.load_state_dict(torch.load(models / "model.pt", map_location="cpu"), strict=True)
     resume = torch.load(models / "model_clip.pt", map_location="cpu", weights_only=False)
-    assert set(resume) == {"model", "optimizer", "lr_scheduler", "grad_scaler", "trainer"}
+    assert set(resume) == {"model", "optimizer", "lr_scheduler", "grad_scaler", "trainer", "validator"}
     assert resume["trainer"]["iteration"] == 6 * resume["trainer"]["epoch_length"]
+    best = resume["validator"]
+    assert best["best_metric_epoch"] in (3, 6) and 0 <= best["best_metric"] <= 1
 
-    _, resumed_epochs = _run_recording_losses(_workflow(bundle_root, tmp_path, max_epochs=8, val_interval=3, resume=True))
+    resumed = _workflow(bundle_root, tmp_path, max_epochs=8, val_interval=1, resume=True)
+    _, resumed_epochs = _run_recording_losses(resumed)
     assert resumed_epochs == [7, 8]
+    validator = resumed.parser.get_parsed_content("validate#evaluator")
+    # the best of the first run carries over: a resumed validation replaces it only by doing better
+    assert validator.state.best_metric >= best["best_metric"]
+    if validator.state.best_metric == best["best_metric"]:
+        assert validator.state.best_metric_epoch == best["best_metric_epoch"]
+
+
+def test_run_stopped_by_an_exception_leaves_a_resume_checkpoint(bundle_root, tmp_path):
+    from scripts.checkpoints import latest_resume_checkpoint
+
+    workflow = _workflow(bundle_root, tmp_path, max_epochs=3, val_interval=5)
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+
+    def fail(engine):
+        raise RuntimeError("disk full (simulated)")
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=11), fail)  # in epoch 2 of 8 iterations each
+    with pytest.raises(RuntimeError) as stopped:
+        workflow.run()
+    assert "simulated" in str(stopped.value.__cause__)  # MONAI's config runner wraps the run's exception
+    models = tmp_path / "models"
+    saved = torch.load(models / "model_clip.pt", map_location="cpu", weights_only=False)
+    assert saved["trainer"]["iteration"] == 11  # saved when the exception stopped the run
+    assert latest_resume_checkpoint(models) == str(models / "model_clip.pt")
+
+
+def test_key_metric_state_keeps_the_best_checkpoint_across_a_resume(tmp_path):
+    from ignite.engine import Engine
+    from monai.handlers import CheckpointSaver
+
+    from scripts.checkpoints import KeyMetricState, latest_resume_checkpoint
+
+    def validator_with_metric(values):
+        engine = Engine(lambda e, b: None)
+        engine.state.best_metric, engine.state.best_metric_epoch = -1, -1
+
+        @engine.on(Events.EPOCH_COMPLETED)
+        def _metric(e):
+            e.state.metrics = {"val_mean_recall": values[e.state.epoch - 1]}
+
+        saver = CheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(1, 1)}, save_key_metric=True,
+                                key_metric_name="val_mean_recall", key_metric_filename="model.pt")  # fmt: skip
+        saver.attach(engine)
+        return engine, saver
+
+    best = tmp_path / "model.pt"
+    best.write_bytes(b"best of the first run")
+    engine, saver = validator_with_metric([0.5, 0.4])
+    KeyMetricState(engine, {"model.pt": saver}, tmp_path).load_state_dict({"best_metric": 0.6, "best_metric_epoch": 3})
+    assert engine.state.best_metric == 0.6
+    engine.run([0], max_epochs=2)
+    assert best.read_bytes() == b"best of the first run"  # 0.5 and 0.4 after a best of 0.6: nothing replaced
+    engine, saver = validator_with_metric([0.7])
+    KeyMetricState(engine, {"model.pt": saver}, tmp_path).load_state_dict({"best_metric": 0.6, "best_metric_epoch": 3})
+    engine.run([0], max_epochs=1)
+    assert best.read_bytes() != b"best of the first run"  # better than the restored best: replaced
+    best.unlink()
+    engine, saver = validator_with_metric([0.5])
+    KeyMetricState(engine, {"model.pt": saver}, tmp_path).load_state_dict({"best_metric": 0.6, "best_metric_epoch": 3})
+    engine.run([0], max_epochs=1)
+    assert best.is_file()  # the file was gone: the resumed run saves its own best
+    # the newest resume file wins, whatever its name
+    assert latest_resume_checkpoint(tmp_path / "none") == str(tmp_path / "none" / "model_clip.pt")
+    (tmp_path / "model_clip.pt").write_bytes(b"old")
+    os.utime(tmp_path / "model_clip.pt", (1, 1))
+    (tmp_path / "model_clip_checkpoint_epoch=7.pt").write_bytes(b"new")
+    assert latest_resume_checkpoint(tmp_path).endswith("model_clip_checkpoint_epoch=7.pt")
 
 
 @pytest.mark.skipif(os.environ.get("SKIP_DEMO") == "1", reason="SKIP_DEMO=1")
@@ -125,3 +196,14 @@ def test_multi_gpu_config_trains_with_two_processes(bundle_root, tmp_path):
     assert output.count("Epoch[2] Metrics -- train_mean_loss") == 1  # stats from rank 0 only
     assert "loss_local" in output and "loss_region" in output and "loss_step" in output
     assert (tmp_path / "models/model.pt").is_file() and (tmp_path / "models/model_clip.pt").is_file()
+
+
+def test_training_list_smaller_than_a_batch_is_an_error():
+    from torch.utils.data import DataLoader
+
+    from scripts.engines import ContrastiveTrainer
+
+    net = torch.nn.Linear(1, 1)
+    loader = DataLoader(list(range(3)), batch_size=8, drop_last=True)
+    with pytest.raises(ValueError, match="yields no batch: 3 items .* batch_size 8 and drop_last=True"):
+        ContrastiveTrainer("cpu", 1, loader, net, torch.optim.SGD(net.parameters(), lr=0.1), lambda *a: 0)

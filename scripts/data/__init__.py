@@ -18,4 +18,5 @@ from .transforms import (
     RegionSentencesd,
     RescaleToHUd,
     ToSliceFirstd,
+    WindowPackedCT,
 )

@@ -193,6 +193,10 @@ def build_ctrate_datalist(
                 continue
             item["rescale_slope"], item["rescale_intercept"] = float(meta["RescaleSlope"]), float(meta["RescaleIntercept"])
         seg = seg_root / seg_pattern.format(**fields)
+        if seg.resolve() in {Path(v).resolve() for v in volumes[name].values()}:
+            problems.append(f"{name}: the mask path {seg} is the CT itself; set seg_dir to the TotalSegmentator "
+                            "output folder (and seg_pattern to its layout)")
+            continue
         if seg.is_file():
             item["seg"] = str(seg)
         else:

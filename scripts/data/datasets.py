@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
 import os
 from collections.abc import Sequence
 
@@ -67,8 +69,11 @@ class CTReportDataset(PersistentDataset):
     few slices, ids that are not TotalSegmentator's; or any error while reading it, such as a truncated
     ``.nii.gz``) is logged once with its file names and replaced by the next good case, so one broken
     volume neither stops a long run nor is trained on. More than ``max_bad_fraction`` of the cases
-    refused stops the run: that is a data problem, not a few bad volumes. ``bad_cases`` holds the
-    refused indices and messages of this process.
+    refused stops the run: that is a data problem, not a few bad volumes. Refusals are counted once per
+    case over the whole run, in shared memory that the data-loader workers inherit (fork, the Linux
+    default; under spawn each worker counts its own). ``bad_cases`` holds the refused indices and
+    messages seen by this process, ``refused_count`` the run's total. A cache file that cannot be read
+    back (truncated, say) is deleted and recomputed with a warning naming it, not blamed on the CT.
 
     The other arguments are `PersistentDataset`'s: set ``hash_transform`` (e.g.
     ``monai.data.utils.pickle_hashing``) so a changed preprocessing never reuses a stale cache. The cache
@@ -102,11 +107,39 @@ class CTReportDataset(PersistentDataset):
         self.skip_bad_cases = require_bool(skip_bad_cases, "skip_bad_cases")
         self.max_bad_fraction = max_bad_fraction
         self.bad_cases: dict[int, str] = {}
+        self._refused = multiprocessing.RawArray(ctypes.c_bool, len(self.data))
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_refused"] = bytearray(bytes(self._refused))  # pickled (spawn): counted per process
+        return state
+
+    @property
+    def refused_count(self) -> int:
+        """Cases refused so far in this run, over all data-loader workers (fork) and epochs."""
+        return sum(self._refused)
+
+    def _cachecheck(self, item_transformed):
+        hashfile = None
+        if self.cache_dir is not None:
+            hashfile = self.cache_dir / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}.pt"
+        cached = hashfile is not None and hashfile.is_file()
+        try:
+            return super()._cachecheck(item_transformed)
+        except Exception as err:
+            if not (cached and hashfile.is_file()):
+                raise  # the case itself failed, not reading its cache file
+            logger.warning(f"{hashfile}: cache file unreadable ({type(err).__name__}: {err}); deleted, recomputing "
+                           + ", ".join(str(item_transformed.get(k)) for k in FILE_KEYS if k in item_transformed))
+            hashfile.unlink(missing_ok=True)
+            return super()._cachecheck(item_transformed)
 
     def _transform(self, index: int):
+        if len(self._refused) != len(self.data):  # data replaced after construction
+            self._refused = multiprocessing.RawArray(ctypes.c_bool, len(self.data))
         for offset in range(len(self.data)):
             i = (index + offset) % len(self.data)
-            if i in self.bad_cases:
+            if self._refused[i]:
                 continue
             try:
                 return super()._transform(i)
@@ -119,11 +152,15 @@ class CTReportDataset(PersistentDataset):
                 files = ", ".join(str(self.data[i][k]) for k in FILE_KEYS if k in self.data[i])
                 cause = _root_cause(err)
                 self.bad_cases[i] = str(bad) if bad is not None else f"{files}: {type(cause).__name__}: {cause}"
-                logger.warning(f"skipping case {i} ({len(self.bad_cases)} of {len(self.data)} refused so far): {self.bad_cases[i]}")
-                if len(self.bad_cases) > max(1, self.max_bad_fraction * len(self.data)):
+                first_time = not self._refused[i]
+                self._refused[i] = True
+                refused = self.refused_count
+                if first_time:
+                    logger.warning(f"skipping case {i} ({refused} of {len(self.data)} refused so far): {self.bad_cases[i]}")
+                if refused > max(1, self.max_bad_fraction * len(self.data)):
                     shown = "\n  ".join(list(self.bad_cases.values())[:10])
                     raise RuntimeError(
-                        f"{len(self.bad_cases)} of {len(self.data)} cases refused, more than max_bad_fraction="
-                        f"{self.max_bad_fraction}; first:\n  {shown}"
+                        f"{refused} of {len(self.data)} cases refused, more than max_bad_fraction="
+                        f"{self.max_bad_fraction}; seen by this process:\n  {shown}"
                     ) from err
-        raise RuntimeError(f"all {len(self.data)} cases were refused; first: {next(iter(self.bad_cases.values()))}")
+        raise RuntimeError(f"all {len(self.data)} cases were refused; first: {next(iter(self.bad_cases.values()), '?')}")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Transposed
+from monai.transforms import MapTransform, ScaleIntensityRange, Transposed
 
 from ..flags import require_bool
 from .lexicon import RegionLexicon
@@ -33,10 +33,10 @@ def _source_name(img: torch.Tensor) -> str:
 
 
 class CheckSameGridd(MapTransform):
-    """Refuse a case whose label map does not lie on the image's world grid.
+    """Refuse a case whose label map does not lie on the image's world grid, or that is not one volume each.
 
-    Run it after `Orientationd` (both arrays in RAS): the spatial shapes must be equal and the affines
-    equal within ``atol_mm``. A mask exported on another grid (resampled, cropped, flipped) would
+    Run it after `Orientationd` (both arrays in RAS): one channel each (a 4-D NIfTI with several volumes
+    loads as several channels), the spatial shapes equal and the affines equal within ``atol_mm``. A mask exported on another grid (resampled, cropped, flipped) would
     silently mislabel every patch, so it is an error, not a resampling.
 
     Args:
@@ -44,7 +44,8 @@ class CheckSameGridd(MapTransform):
         atol_mm: tolerance on every affine entry, in mm (1e-3 by default).
 
     Raises:
-        BadCaseError: shapes or affines differ; the message names both files and both grids.
+        BadCaseError: more than one channel (names the file); shapes or affines differ (names both files
+            and both grids).
         ValueError: the inputs are not MetaTensors.
     """
 
@@ -59,6 +60,12 @@ class CheckSameGridd(MapTransform):
         image, label = (d[k] for k in self.keys)
         if not isinstance(image, MetaTensor) or not isinstance(label, MetaTensor):
             raise ValueError(f"CheckSameGridd needs MetaTensors with affines for {self.keys}")
+        for arr in (image, label):
+            if arr.shape[0] != 1:
+                raise BadCaseError(
+                    f"{_source_name(arr)}: {arr.shape[0]} channels after loading (a 4-D or multi-component "
+                    "file?); expected one 3-D volume"
+                )
         image_affine = np.asarray(image.affine, dtype=np.float64)
         label_affine = np.asarray(label.affine, dtype=np.float64)
         if image.shape[1:] != label.shape[1:] or not np.allclose(image_affine, label_affine, rtol=0, atol=self.atol_mm):
@@ -81,6 +88,45 @@ class ToSliceFirstd(Transposed):
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, indices=(0, 3, 2, 1), allow_missing_keys=allow_missing_keys)
 
+
+
+class WindowPackedCT:
+    """HU window of the CT channel of a packed network input, run where the tensor lies (the GPU in training).
+
+    `pack_transforms` in ``train.json`` leaves the packed input as integers: channel 0 the CT in HU,
+    channel 1 the TotalSegmentator label ids, int16. A data worker then moves 2 bytes per voxel instead
+    of 4 and does no float work on the 2 x 64 x 512 x 512 seed input; the engines call this on the
+    device batch (``image_transform`` of `scripts.engines.ContrastiveTrainer`). The window is MONAI's
+    `ScaleIntensityRange`: HU clipped to ``hu_window`` and mapped linearly to [-1, 1].
+
+    Args:
+        hu_window: ``(lower, upper)`` in HU, lower < upper.
+
+    Call: ``image (2, D, H, W)`` or ``(B, 2, D, H, W)``, integer HU and label ids -> float32 of the same
+    shape (channel 0 windowed CT, channel 1 label ids as float), the network's input (DESIGN.md section 3).
+
+    Raises:
+        ValueError: a window with lower >= upper; an input without 2 channels at dim -4; a floating-point
+            input (windowed twice would squash the CT to about 0: pack with ``pack_transforms``).
+    """
+
+    def __init__(self, hu_window: Sequence[float]) -> None:
+        lower, upper = (float(v) for v in hu_window)
+        if not lower < upper:
+            raise ValueError(f"hu_window must be (lower, upper) in HU with lower < upper, got {list(hu_window)}")
+        self.hu_window = (lower, upper)
+        self.scale = ScaleIntensityRange(a_min=lower, a_max=upper, b_min=-1.0, b_max=1.0, clip=True, dtype=torch.float32)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if image.ndim not in (4, 5) or image.shape[-4] != 2:
+            raise ValueError(f"expected a packed input (2, D, H, W) or (B, 2, D, H, W), got {tuple(image.shape)}")
+        if image.is_floating_point():
+            raise ValueError(
+                f"expected integer HU and label ids from pack_transforms, got {image.dtype}: "
+                "is the input windowed already?"
+            )
+        ct, label_map = image.narrow(-4, 0, 1), image.narrow(-4, 1, 1)
+        return torch.cat([self.scale(ct), label_map.float()], dim=-4)
 
 
 class FillMissingLabelMapd(MapTransform):
