@@ -371,6 +371,12 @@ class EvaluationReport:
     def _report(self, case_index, rows, step_key, step_rows) -> dict:
         data = [self.dataset.data[i] for i in case_index.tolist()]
         report: dict = {"cases": int(case_index.numel())}
+        evaluated = set(case_index.tolist())
+        report["cases_not_evaluated"] = [
+            {"case_index": i, "case_id": item.get("case_id", str(i)), "image": item.get("image"),
+             "reason": "refused while loading (the log names the problem)"}
+            for i, item in enumerate(self.dataset.data) if i not in evaluated
+        ]  # fmt: skip
         # retrieval: one volume per study (CT-CLIP protocol), duplicates of a report are one group
         retrieval, keep, groups = M.study_retrieval(
             case_index, rows["image"], rows["text"], rows["keys"], self.retrieval_ks, self.tie_mode, self.one_per_study,

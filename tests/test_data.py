@@ -157,6 +157,20 @@ def test_load_datalist_resolves_paths_and_reports_bad_items(sample_dir, tmp_path
     assert "empty report text" in message and "missing ['seg']" in message
     with pytest.raises(ValueError, match="section 'validation' is missing"):
         load_datalist(path, "validation")
+    good = {"image": str(sample_dir / items[0]["image"]), "seg": str(sample_dir / items[0]["seg"]), "text": "x"}
+    malformed = [
+        dict(good, image=5, study="a"),
+        dict(good, study=["a", "b"]),
+        dict(good, study="c", labels=["yes"] + [0] * 17),
+        dict(good, study="d", labels=[2] + [0] * 17),
+    ]
+    path.write_text(json.dumps({"training": malformed}))
+    with pytest.raises(ValueError) as info:
+        load_datalist(path, "training")
+    message = str(info.value)
+    assert "4 problem(s)" in message and "item 0: image must be a file path, got 5" in message
+    assert "item 1: study must be a string or an integer id" in message
+    assert "item 2: label 'Medical material' is 'yes'" in message and "item 3: label 'Medical material' is 2" in message
 
 
 def test_report_assembly_and_sentences():
@@ -220,7 +234,8 @@ def test_unreadable_and_replaced_files(demo_parser, liver_case, tmp_path, caplog
     dataset = CTReportDataset([dict(good, image=str(corrupt)), good], transform, cache_dir=str(tmp_path / "cache"))
     with caplog.at_level(logging.WARNING):
         assert dataset[0]["image"].shape[0] == 1  # the readable case stands in
-    assert "corrupt.nii.gz" in caplog.text and list(dataset.bad_cases) == [0]
+    assert "corrupt.nii.gz (image) unreadable" in caplog.text and list(dataset.bad_cases) == [0]
+    assert liver_case["seg"] not in dataset.bad_cases[0]  # the readable mask is not blamed
     strict = CTReportDataset([dict(good, image=str(corrupt))], transform, cache_dir=None, skip_bad_cases=False)
     with pytest.raises(Exception):
         strict[0]

@@ -60,7 +60,7 @@ def checkpoint(bundle_root, tmp_path_factory):
 
 def test_evaluation_on_the_sample_writes_every_metric(bundle_root, tmp_path, checkpoint, sample_dir):
     report = _evaluate(bundle_root, tmp_path, checkpoint)
-    assert report["cases"] == 20
+    assert report["cases"] == 20 and report["cases_not_evaluated"] == []
     for direction in ("image_to_text", "text_to_image"):
         entry = report["retrieval"][direction]
         assert {f"recall@{k}" for k in (1, 5, 10, 50, 100)} | {"mean_rank", "median_rank"} <= set(entry)
@@ -100,6 +100,7 @@ def test_evaluation_on_the_ct_rate_layout_defines_what_the_labels_allow(bundle_r
     )  # fmt: skip
     per_class = report["zero_shot"]["per_class"]
     assert report["cases"] == 3
+    assert report["cases_not_evaluated"] == []
     assert per_class["Hiatal hernia"]["auroc"] == {"value": None, "reason": "only negative cases"}
     assert per_class["Cardiomegaly"]["auroc"]["value"] is not None  # labels written for the test: 0, 1, 0
     assert report["zero_shot"]["macro"]["fvlm_16"]["auroc"]["value"] is not None
@@ -172,3 +173,17 @@ def _same(a, b, tol: float = 1e-5) -> bool:
     if isinstance(a, float) and isinstance(b, (int, float)):
         return abs(a - b) <= tol * max(1.0, abs(a))
     return a == b
+
+
+def test_a_case_refused_while_loading_is_listed_not_silently_dropped(bundle_root, tmp_path, checkpoint, sample_dir):
+    validation = json.loads((sample_dir / "datalist.json").read_text())["validation"][:4]
+    items = [dict(it, image=str(sample_dir / it["image"]), seg=str(sample_dir / it["seg"])) for it in validation]
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes((sample_dir / validation[1]["image"]).read_bytes()[:2000])
+    items[1] = dict(items[1], image=str(corrupt), case_id="broken")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "datalist.json").write_text(json.dumps({"validation": items}))
+    report = _evaluate(bundle_root, tmp_path, checkpoint, dataset_dir=str(data_dir), num_maps=0)
+    assert report["cases"] == 3
+    assert [(c["case_index"], c["case_id"]) for c in report["cases_not_evaluated"]] == [(1, "broken")]

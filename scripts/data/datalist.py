@@ -25,9 +25,18 @@ def _labels(value, where: str) -> list[float]:
         if unknown:
             raise ValueError(f"{where}: unknown findings {sorted(unknown)}; expected names from {FINDINGS}")
         value = [value.get(f) for f in FINDINGS]
-    if len(value) != len(FINDINGS):
-        raise ValueError(f"{where}: {len(value)} labels, expected {len(FINDINGS)} in the order of {FINDINGS}")
-    return [math.nan if v is None else float(v) for v in value]
+    if not isinstance(value, (list, tuple)) or len(value) != len(FINDINGS):
+        count = len(value) if isinstance(value, (list, tuple)) else type(value).__name__
+        raise ValueError(f"{where}: labels are {count}, expected {len(FINDINGS)} values in the order of {FINDINGS}")
+    out = []
+    for finding, v in zip(FINDINGS, value):
+        if v is None:
+            out.append(math.nan)
+        elif isinstance(v, bool) or (isinstance(v, (int, float)) and (v in (0, 1) or math.isnan(v))):
+            out.append(float(v))
+        else:
+            raise ValueError(f"{where}: label {finding!r} is {v!r}; expected 0, 1 or null (unknown)")
+    return out
 
 
 def load_datalist(
@@ -68,18 +77,24 @@ def load_datalist(
         if missing:
             problems.append(f"item {index}: missing {missing}")
             continue
+        if not isinstance(item["study"], (str, int)) or isinstance(item["study"], bool):
+            problems.append(f"item {index}: study must be a string or an integer id, got {item['study']!r}")
+            continue
         item = dict(item, study=str(item["study"]))
         if not isinstance(item["text"], str) or not item["text"].strip():
             problems.append(f"item {index} ({item['image']}): empty report text")
         for key in PATH_KEYS:
             if key not in item:
                 continue
+            if not isinstance(item[key], str) or not item[key]:
+                problems.append(f"item {index}: {key} must be a file path, got {item[key]!r}")
+                continue
             path = Path(item[key])
             item[key] = str(path if path.is_absolute() else base / path)
             if not Path(item[key]).is_file():
                 problems.append(f"item {index}: {key} file {item[key]} does not exist")
         without_seg += "seg" not in item
-        item.setdefault("case_id", Path(item["image"]).name.split(".")[0])
+        item.setdefault("case_id", Path(str(item["image"])).name.split(".")[0])
         try:
             item["labels"] = _labels(item.get("labels"), f"item {index}")
         except ValueError as err:

@@ -60,6 +60,25 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
+def _describe_failure(item: dict, err: BaseException) -> str:
+    """Which of an item's files failed to load, and why (run only when a case has failed)."""
+    from monai.transforms import LoadImage
+
+    unreadable = []
+    for key in FILE_KEYS:
+        if isinstance(item.get(key), str):
+            try:
+                LoadImage(image_only=True)(item[key])
+            except Exception as load_err:
+                cause = _root_cause(load_err)
+                unreadable.append(f"{item[key]} ({key}) unreadable: {type(cause).__name__}: {cause}")
+    if unreadable:
+        return "; ".join(unreadable)
+    cause = _root_cause(err)
+    files = ", ".join(str(item[k]) for k in FILE_KEYS if k in item)
+    return f"{files}: {type(cause).__name__}: {cause}"
+
+
 class CTReportDataset(PersistentDataset):
     """`PersistentDataset` whose deterministic preprocessing is cached on disk, and which can skip bad cases.
 
@@ -149,9 +168,7 @@ class CTReportDataset(PersistentDataset):
                     if bad is None:
                         raise
                     raise bad from err  # the check's own message, not MONAI's wrapper
-                files = ", ".join(str(self.data[i][k]) for k in FILE_KEYS if k in self.data[i])
-                cause = _root_cause(err)
-                self.bad_cases[i] = str(bad) if bad is not None else f"{files}: {type(cause).__name__}: {cause}"
+                self.bad_cases[i] = str(bad) if bad is not None else _describe_failure(self.data[i], err)
                 first_time = not self._refused[i]
                 self._refused[i] = True
                 refused = self.refused_count
