@@ -57,5 +57,6 @@ class KeyMetricState:
         if self.evaluator.state.best_metric_epoch < 0:
             return  # no validation before the checkpoint: nothing saved to protect
         for filename, saver in self.savers.items():
-            if saver is not None and (self.save_dir / filename).is_file():  # ignite's `Checkpoint.state_dict()` format: [(priority, filename)]
+            # ignite's `Checkpoint.state_dict()` format: [(priority, filename)]
+            if saver is not None and (self.save_dir / filename).is_file():
                 saver.load_state_dict({"_saved": [(self.evaluator.state.best_metric, filename)]})

@@ -44,7 +44,7 @@ def main() -> None:
         config["min_slices"] = 8
         config["text_model_name"] = None  # no tokenizer: the datalist's token count is not timed (works offline)
         dataset = config.get_parsed_content("train#dataset")
-        dataset.data = dataset.data[: args.limit]
+        dataset.set_data(dataset.data[: args.limit])
         cached_stage = Compose(config.get_parsed_content("load_transforms"))
         window = config.get_parsed_content("input_window")
         timings = {}

@@ -125,13 +125,21 @@ class CTReportDataset(PersistentDataset):
         )
         self.skip_bad_cases = require_bool(skip_bad_cases, "skip_bad_cases")
         self.max_bad_fraction = max_bad_fraction
-        self.bad_cases: dict[int, str] = {}
-        self._refused = multiprocessing.RawArray(ctypes.c_bool, len(self.data))
+        self._forget_refusals()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_refused"] = bytearray(bytes(self._refused))  # pickled (spawn): counted per process
         return state
+
+    def set_data(self, data: Sequence) -> None:
+        """Replace the datalist (MONAI's `set_data`: the cache folder is emptied) and forget refusals."""
+        super().set_data(data)
+        self._forget_refusals()
+
+    def _forget_refusals(self) -> None:
+        self.bad_cases: dict[int, str] = {}
+        self._refused = multiprocessing.RawArray(ctypes.c_bool, len(self.data))  # one flag per case, shared
 
     @property
     def refused_count(self) -> int:
@@ -154,8 +162,6 @@ class CTReportDataset(PersistentDataset):
             return super()._cachecheck(item_transformed)
 
     def _transform(self, index: int):
-        if len(self._refused) != len(self.data):  # data replaced after construction
-            self._refused = multiprocessing.RawArray(ctypes.c_bool, len(self.data))
         for offset in range(len(self.data)):
             i = (index + offset) % len(self.data)
             if self._refused[i]:

@@ -36,8 +36,9 @@ class CheckSameGridd(MapTransform):
     """Refuse a case whose label map does not lie on the image's world grid, or that is not one volume each.
 
     Run it after `Orientationd` (both arrays in RAS): one channel each (a 4-D NIfTI with several volumes
-    loads as several channels), the spatial shapes equal and the affines equal within ``atol_mm``. A mask exported on another grid (resampled, cropped, flipped) would
-    silently mislabel every patch, so it is an error, not a resampling.
+    loads as several channels), the spatial shapes equal and the affines equal within ``atol_mm``. A
+    mask exported on another grid (resampled, cropped, flipped) would silently mislabel every patch, so
+    it is an error, not a resampling.
 
     Args:
         keys: ``(image_key, label_key)``, both `MetaTensor` with an ``affine``.
@@ -114,7 +115,6 @@ class WindowPackedCT:
         lower, upper = (float(v) for v in hu_window)
         if not lower < upper:
             raise ValueError(f"hu_window must be (lower, upper) in HU with lower < upper, got {list(hu_window)}")
-        self.hu_window = (lower, upper)
         self.scale = ScaleIntensityRange(a_min=lower, a_max=upper, b_min=-1.0, b_max=1.0, clip=True, dtype=torch.float32)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
