@@ -42,7 +42,9 @@ class KeyMetricState:
         save_dir: where the savers write; a saver whose file is not there starts afresh (nothing to protect).
     """
 
-    def __init__(self, evaluator: Engine, savers: Mapping[str, object | None] | None = None, save_dir: str | Path = ".") -> None:
+    def __init__(
+        self, evaluator: Engine, savers: Mapping[str, object | None] | None = None, save_dir: str | Path = "."
+    ) -> None:
         self.evaluator = evaluator
         self.savers = dict(savers or {})
         self.save_dir = Path(save_dir)

@@ -12,14 +12,7 @@ from monai.inferers import Inferer
 from monai.utils.enums import CommonKeys as Keys
 from torch.utils.data import DataLoader
 
-from .losses import (
-    gather_keys,
-    gather_with_grad,
-    pair_keys,
-    positive_groups,
-    region_text_inputs,
-    step_inputs,
-)
+from .losses import gather_keys, gather_with_grad, pair_keys, positive_groups, region_text_inputs, step_inputs
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -161,14 +154,20 @@ class ContrastiveTrainer(SupervisedTrainer):
         self.grad_scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
 
     def _iteration(self, engine: ContrastiveTrainer, batchdata: dict) -> dict:
-        image, texts, keys = _contrastive_batch(batchdata, engine.state.device, engine.non_blocking, engine.image_transform)
+        image, texts, keys = _contrastive_batch(
+            batchdata, engine.state.device, engine.non_blocking, engine.image_transform
+        )
         engine.state.output = {Keys.IMAGE: image, Keys.LABEL: None}
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         enabled = engine.loss_function.enabled
         num_regions = _unwrap(engine.network).image_encoder.num_regions
-        region_texts, has_text, region_keys = region_text_inputs(batchdata["region_text"]) if "region" in enabled else ([], None, None)
-        steps, step_item, step_regions = step_inputs(batchdata["cot_steps"], num_regions) if "step" in enabled else ([], None, None)
+        region_texts, has_text, region_keys = (
+            region_text_inputs(batchdata["region_text"]) if "region" in enabled else ([], None, None)
+        )
+        steps, step_item, step_regions = (
+            step_inputs(batchdata["cot_steps"], num_regions) if "step" in enabled else ([], None, None)
+        )
         device, device_type = image.device, torch.device(engine.state.device).type
         with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             out = engine.inferer(image, engine.network, texts, region_texts + steps, "local" in enabled)
@@ -186,7 +185,9 @@ class ContrastiveTrainer(SupervisedTrainer):
                 "group_ids": positive_groups(gather_keys(keys.to(device))),
             }
             if "region" in enabled:
-                region_text_emb = features["region_embedding"].new_zeros(features["region_embedding"].shape)  # (B, R, E)
+                region_text_emb = features["region_embedding"].new_zeros(
+                    features["region_embedding"].shape
+                )  # (B, R, E)
                 if region_texts:  # scatter back in the row-major (b, r) order of region_text_inputs
                     region_text_emb[has_text.to(device)] = extra[: len(region_texts)].to(region_text_emb.dtype)
                 valid = features["region_present"] & has_text.to(device)
@@ -258,7 +259,8 @@ class ContrastiveEvaluator(SupervisedEvaluator):
 
     ``engine.state.output`` holds ``image_embedding (B, E)``, ``text_embedding (B, E)``, ``keys``
     ``(B, 2)`` (study and report keys, see `scripts.losses.pair_keys`) and ``case_index (B,)``, the input
-    of `scripts.metrics.RetrievalRecall` (which counts each case once under DDP). The network runs in eval mode without gradients. The other
+    of `scripts.metrics.RetrievalRecall` (which counts each case once under DDP). The network runs in eval mode
+    without gradients. The other
     arguments are the parent's.
 
     Args:
@@ -296,7 +298,9 @@ class ContrastiveEvaluator(SupervisedEvaluator):
         self.image_transform = image_transform
 
     def _iteration(self, engine: ContrastiveEvaluator, batchdata: dict) -> dict:
-        image, texts, keys = _contrastive_batch(batchdata, engine.state.device, engine.non_blocking, engine.image_transform)
+        image, texts, keys = _contrastive_batch(
+            batchdata, engine.state.device, engine.non_blocking, engine.image_transform
+        )
         device_type = torch.device(engine.state.device).type
         with engine.mode(engine.network):
             with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):

@@ -105,7 +105,9 @@ class CTReportEvaluator(ContrastiveEvaluator):
     """
 
     def _iteration(self, engine: CTReportEvaluator, batchdata: dict) -> dict:
-        image, texts, keys = _contrastive_batch(batchdata, engine.state.device, engine.non_blocking, engine.image_transform)
+        image, texts, keys = _contrastive_batch(
+            batchdata, engine.state.device, engine.non_blocking, engine.image_transform
+        )
         model = engine.network
         steps = [(i, j, step) for i, item in enumerate(batchdata["cot_steps"]) for j, step in enumerate(item)]
         num_regions = model.image_encoder.num_regions
@@ -114,7 +116,9 @@ class CTReportEvaluator(ContrastiveEvaluator):
         last_attn = model.image_encoder.blocks[-1].attn
         hook = last_attn.register_forward_hook(lambda m, args, out: captured.update(x=args[0], slices=args[1]))
         try:
-            with engine.mode(model), torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            with engine.mode(model), torch.autocast(
+                device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+            ):
                 features = model.image_encoder.forward_features(image)
                 text_embedding = model.text_encoder(texts)
                 step_embedding = model.text_encoder([s["text"] for _, _, s in steps]) if steps else None
@@ -206,7 +210,9 @@ def save_map_on_ct(
     affine = network_grid_affine(grid_affine, [int(s) for s in grid_shape], input_size)
     volume = torch.as_tensor(visualize.patch_map_to_grid(patch_map, ct_xyz.shape))  # (X, Y, Z)
     reference = LoadImage(image_only=True, ensure_channel_first=True)(ct_file)
-    on_ct = ResampleToMatch(mode="bilinear", padding_mode="zeros")(MetaTensor(volume[None], affine=torch.as_tensor(affine)), reference)
+    on_ct = ResampleToMatch(mode="bilinear", padding_mode="zeros")(
+        MetaTensor(volume[None], affine=torch.as_tensor(affine)), reference
+    )
     stem.parent.mkdir(parents=True, exist_ok=True)
     path = stem.parent / f"{stem.name}.nii.gz"
     nib.save(nib.Nifti1Image(on_ct[0].numpy().astype(np.float32), np.asarray(reference.affine, dtype=np.float64)), path)
@@ -227,7 +233,8 @@ def summary(report: dict) -> str:
     for direction in ("image_to_text", "text_to_image"):
         entry = report["retrieval"][direction]
         recalls = ", ".join(f"R@{k} {_value(entry[f'recall@{k}'])}" for k in (1, 5, 10))
-        lines.append(f"retrieval {direction}: {recalls}, mean rank {_value(entry['mean_rank'])} (chance R@1 {_value(entry['chance']['recall@1'])})")
+        chance = _value(entry["chance"]["recall@1"])
+        lines.append(f"retrieval {direction}: {recalls}, mean rank {_value(entry['mean_rank'])} (chance R@1 {chance})")
     for section in ("zero_shot", "finding_head"):
         if "macro" in report[section]:
             aurocs = ", ".join(f"{name} {_value(m['auroc'])}" for name, m in report[section]["macro"].items())
@@ -235,9 +242,11 @@ def summary(report: dict) -> str:
         else:
             lines.append(f"{section}: {_value(report[section])}")
     grounding = report["grounding"]
-    lines.append(f"report-region AUROC: {_value(grounding['report_region_auroc']['pooled']) if 'report_region_auroc' in grounding else _value(grounding)}")
+    region_auroc = grounding["report_region_auroc"]["pooled"] if "report_region_auroc" in grounding else grounding
+    lines.append(f"report-region AUROC: {_value(region_auroc)}")
     cot = report["chain_of_thought"]
-    lines.append(f"chain of thought: step->region accuracy {_value(cot['step_region_accuracy']) if 'step_region_accuracy' in cot else _value(cot)}")
+    step_accuracy = cot["step_region_accuracy"] if "step_region_accuracy" in cot else cot
+    lines.append(f"chain of thought: step->region accuracy {_value(step_accuracy)}")
     return "\n".join(lines)
 
 
@@ -286,7 +295,12 @@ class EvaluationReport:
         self.input_size = tuple(int(s) for s in input_size)
         self.region_names = tuple(region_names)
         self.templates = [tuple(t) for t in templates]
-        self.retrieval_ks, self.tie_mode, self.pool_size, self.one_per_study = tuple(retrieval_ks), tie_mode, pool_size, one_per_study
+        self.retrieval_ks, self.tie_mode, self.pool_size, self.one_per_study = (
+            tuple(retrieval_ks),
+            tie_mode,
+            pool_size,
+            one_per_study,
+        )
         self.threshold_method, self.n_bootstrap, self.seed = threshold_method, n_bootstrap, seed
         self.num_maps = num_maps
         self.summary_writer_dir = summary_writer_dir
@@ -307,7 +321,9 @@ class EvaluationReport:
         training = self.model.training
         self.model.eval()
         with torch.no_grad():
-            self.prompts = M.prompt_embeddings(lambda t: self.model.text_encoder(t).float().cpu(), FINDINGS, self.templates)
+            self.prompts = M.prompt_embeddings(
+                lambda t: self.model.text_encoder(t).float().cpu(), FINDINGS, self.templates
+            )
         self.model.train(training)
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -341,7 +357,9 @@ class EvaluationReport:
         case_id = self.dataset.data[case].get("case_id", str(case))
         maps = {"cls_attention": out["cls_attention"][row].reshape(grid)}
         if "local_embedding" in feats:  # the report-to-patch map needs the local projection head
-            maps["text_to_patch"] = M.text_patch_similarity(feats["local_embedding"][row], out["text_embedding"][row], grid)
+            maps["text_to_patch"] = M.text_patch_similarity(
+                feats["local_embedding"][row], out["text_embedding"][row], grid
+            )
         for name, patch_map in maps.items():
             save_map_on_ct(
                 patch_map, out["grid_affine"][row], out["grid_shape"][row], self.input_size, out[Keys.IMAGE][row, 0],
@@ -388,12 +406,23 @@ class EvaluationReport:
         probabilities = M.zero_shot_probabilities(rows["image"], self.prompts, logit_scale)  # (M, 18)
         labels = rows["labels"]
         report["zero_shot"] = M.classification_metrics(
-            probabilities, labels, FINDINGS, self.threshold_method, self.n_bootstrap, self.seed, macro_subsets=M.CT_RATE_MACRO_SUBSETS
+            probabilities,
+            labels,
+            FINDINGS,
+            self.threshold_method,
+            self.n_bootstrap,
+            self.seed,
+            macro_subsets=M.CT_RATE_MACRO_SUBSETS,
         )
         report["zero_shot"]["protocol"]["templates"] = [list(t) for t in self.templates]
         if "finding_logits" in rows:
             report["finding_head"] = M.classification_metrics(
-                torch.sigmoid(rows["finding_logits"]), labels, FINDINGS, self.threshold_method, self.n_bootstrap, self.seed,
+                torch.sigmoid(rows["finding_logits"]),
+                labels,
+                FINDINGS,
+                self.threshold_method,
+                self.n_bootstrap,
+                self.seed,
                 macro_subsets=M.CT_RATE_MACRO_SUBSETS,
             )
         else:
@@ -406,13 +435,22 @@ class EvaluationReport:
 
     def _grounding(self, rows) -> dict:
         if "region" not in rows:
-            return {"value": None, "reason": "the model has no region projection head (projection_heads lacks 'region')"}
+            return {
+                "value": None,
+                "reason": "the model has no region projection head (projection_heads lacks 'region')",
+            }
         finding_present = M.ensemble_prompts(self.prompts)[:, 0]  # (K, E): "{finding} is present."
         similarity = M.finding_region_similarity(rows["region"], finding_present)  # (M, K, R)
-        region_to_report = torch.einsum("mre,me->mr", F.normalize(rows["region"], dim=-1), F.normalize(rows["text"], dim=-1))
+        region_to_report = torch.einsum(
+            "mre,me->mr", F.normalize(rows["region"], dim=-1), F.normalize(rows["text"], dim=-1)
+        )
         return {
-            "top_regions_per_finding": M.top_regions_per_finding(similarity, rows["region_present"], FINDINGS, self.region_names),
-            "report_region_auroc": M.region_auroc(region_to_report, rows["region_mention"].double(), self.region_names, rows["region_present"]),
+            "top_regions_per_finding": M.top_regions_per_finding(
+                similarity, rows["region_present"], FINDINGS, self.region_names
+            ),
+            "report_region_auroc": M.region_auroc(
+                region_to_report, rows["region_mention"].double(), self.region_names, rows["region_present"]
+            ),
             "definition": "report_region_auroc: per case, the cosine of each present region's embedding to the report "
             "embedding scores whether the report has a non-normal sentence on that region",
         }
@@ -421,9 +459,18 @@ class EvaluationReport:
         if step_key is None:
             return {"value": None, "reason": "no chain-of-thought steps in the evaluation data"}
         if "region" not in rows:
-            return {"value": None, "reason": "the model has no region projection head (projection_heads lacks 'region')"}
+            return {
+                "value": None,
+                "reason": "the model has no region projection head (projection_heads lacks 'region')",
+            }
         return M.cot_alignment(
-            step_rows["embedding"], step_key[:, 0], step_rows["tags"], case_index, rows["region"], rows["region_present"], rows["region_z"]
+            step_rows["embedding"],
+            step_key[:, 0],
+            step_rows["tags"],
+            case_index,
+            rows["region"],
+            rows["region_present"],
+            rows["region_z"],
         )
 
     def _write_case_table(self, data, case_index, rows, probabilities, keep, groups) -> None:
@@ -437,7 +484,16 @@ class EvaluationReport:
         rank_of = {k: dict(zip(keep, v.tolist())) for k, v in ranks.items()}
         with open(self.output_dir / "per_case.csv", "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["case_index", "case_id", "study", *ranks, *[f"p({x})" for x in FINDINGS], *[f"label({x})" for x in FINDINGS]])
+            writer.writerow(
+                [
+                    "case_index",
+                    "case_id",
+                    "study",
+                    *ranks,
+                    *[f"p({x})" for x in FINDINGS],
+                    *[f"label({x})" for x in FINDINGS],
+                ]
+            )
             for pos, (index, item) in enumerate(zip(case_index.tolist(), data)):
                 writer.writerow([
                     index, item.get("case_id", ""), item.get("study", ""),
@@ -448,19 +504,22 @@ class EvaluationReport:
 
     def _figures(self, probabilities, labels, retrieval) -> None:
         figures = self.output_dir / "figures"
-        paths = [
-            visualize.plot_recall_at_k(retrieval, figures / "recall_at_k.png"),
-            figures / "roc_zero_shot.png",
-        ]
+        paths = [visualize.plot_recall_at_k(retrieval, figures / "recall_at_k.png"), figures / "roc_zero_shot.png"]
         visualize.plot_roc_curves(probabilities, labels, FINDINGS, paths[1])
         blocks = self.model.image_encoder.blocks
         for name, block in (("first", blocks[0]), ("last", blocks[-1])):
             if block.attn.slice_bias is not None:
-                paths.append(visualize.plot_slice_bias(block.attn.slice_bias.detach().cpu(), figures / f"slice_bias_{name}_block.png"))
+                paths.append(
+                    visualize.plot_slice_bias(
+                        block.attn.slice_bias.detach().cpu(), figures / f"slice_bias_{name}_block.png"
+                    )
+                )
         if self.summary_writer_dir is not None:
             from PIL import Image
             from torch.utils.tensorboard import SummaryWriter
 
             with SummaryWriter(self.summary_writer_dir) as writer:
                 for path in paths:
-                    writer.add_image(f"evaluation/{Path(path).stem}", np.asarray(Image.open(path).convert("RGB")), dataformats="HWC")
+                    writer.add_image(
+                        f"evaluation/{Path(path).stem}", np.asarray(Image.open(path).convert("RGB")), dataformats="HWC"
+                    )

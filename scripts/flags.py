@@ -13,5 +13,7 @@ def require_bool(value, key: str) -> bool:
         ValueError: ``value`` is not a bool; the message names the configuration key.
     """
     if not isinstance(value, bool):
-        raise ValueError(f"{key} must be True or False, got {value!r}; on the command line write --{key} True or --{key} False")
+        raise ValueError(
+            f"{key} must be True or False, got {value!r}; on the command line write --{key} True or --{key} False"
+        )
     return value

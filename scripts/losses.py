@@ -257,7 +257,9 @@ class RegionSentenceLoss(nn.Module):
         logit_scale: torch.Tensor,
     ) -> torch.Tensor:
         if region_emb.ndim != 3 or region_emb.shape != region_text_emb.shape:
-            raise ValueError(f"region embeddings {tuple(region_emb.shape)} != region text embeddings {tuple(region_text_emb.shape)}")
+            raise ValueError(
+                f"region embeddings {tuple(region_emb.shape)} != region text embeddings {tuple(region_text_emb.shape)}"
+            )
         for name, flags in (("valid", valid), ("text_keys", text_keys), ("is_normal", is_normal)):
             if flags.shape != region_emb.shape[:2]:
                 raise ValueError(f"{name} {tuple(flags.shape)} != (B, R) {tuple(region_emb.shape[:2])}")
@@ -356,7 +358,9 @@ def token_patch_similarity(
         ValueError: widths differ, the mask is not ``(B_txt, L)``, or a text has no token.
     """
     if local_emb.ndim != 3 or token_emb.ndim != 3 or local_emb.shape[-1] != token_emb.shape[-1]:
-        raise ValueError(f"local embeddings {tuple(local_emb.shape)} and token embeddings {tuple(token_emb.shape)} do not match")
+        raise ValueError(
+            f"local embeddings {tuple(local_emb.shape)} and token embeddings {tuple(token_emb.shape)} do not match"
+        )
     if token_mask.shape != token_emb.shape[:2]:
         raise ValueError(f"token_mask {tuple(token_mask.shape)} != (B_txt, L) {tuple(token_emb.shape[:2])}")
     mask = token_mask.to(token_emb.device).bool()
@@ -416,7 +420,9 @@ def segmentation_targets(patch_to_region: torch.Tensor, background_fraction: tor
         ValueError: ``background_fraction`` is not ``(B, N)`` of ``patch_to_region (B, N, R)``.
     """
     if background_fraction.shape != patch_to_region.shape[:2]:
-        raise ValueError(f"background_fraction {tuple(background_fraction.shape)} != (B, N) {tuple(patch_to_region.shape[:2])}")
+        raise ValueError(
+            f"background_fraction {tuple(background_fraction.shape)} != (B, N) {tuple(patch_to_region.shape[:2])}"
+        )
     return torch.cat([background_fraction[..., None], patch_to_region], dim=-1).float()  # (B, N, 1 + R)
 
 
@@ -440,7 +446,9 @@ class SegmentationLoss(nn.Module):
     ) -> torch.Tensor:
         targets = segmentation_targets(patch_to_region, background_fraction)  # (B, N, R + 1)
         if logits.shape != targets.shape:
-            raise ValueError(f"segmentation logits {tuple(logits.shape)} != targets (B, N, R + 1) {tuple(targets.shape)}")
+            raise ValueError(
+                f"segmentation logits {tuple(logits.shape)} != targets (B, N, R + 1) {tuple(targets.shape)}"
+            )
         return soft_cross_entropy(logits.float(), targets.to(logits.device)).mean()
 
 

@@ -164,7 +164,8 @@ class CaseAccumulator:
         else:  # this rank's shard was empty
             key = torch.empty((0, *layout[0]), dtype=torch.long, device=self.device)
             values = {
-                name: torch.empty((0, *shape), dtype=dtype, device=self.device) for name, (shape, dtype) in layout[1].items()
+                name: torch.empty((0, *shape), dtype=dtype, device=self.device)
+                for name, (shape, dtype) in layout[1].items()
             }
         return gather_cases(key, values)
 
@@ -285,7 +286,9 @@ def _check_retrieval_inputs(similarity: torch.Tensor, relevant: torch.Tensor, ti
     if tie_mode not in TIE_MODES:
         raise ValueError(f"tie_mode must be one of {TIE_MODES}, got {tie_mode!r}")
     if similarity.shape != relevant.shape or similarity.ndim != 2:
-        raise ValueError(f"similarity {tuple(similarity.shape)} and relevant {tuple(relevant.shape)} must be one (Q, C) shape")
+        raise ValueError(
+            f"similarity {tuple(similarity.shape)} and relevant {tuple(relevant.shape)} must be one (Q, C) shape"
+        )
     missing = int((~relevant.any(1)).sum())
     if missing:
         raise ValueError(f"{missing} of {relevant.shape[0]} queries have no relevant candidate in their pool")
@@ -539,7 +542,9 @@ class RetrievalRecall(Metric):
         for direction in self.directions:
             sim = similarity if direction == "image_to_text" else similarity.T
             for k in self.ks:
-                values.append(chance_recall_at_k(relevant, k) if self.chance else recall_at_k(sim, relevant.to(sim.device), k))
+                values.append(
+                    chance_recall_at_k(relevant, k) if self.chance else recall_at_k(sim, relevant.to(sim.device), k)
+                )
         return sum(values) / len(values)
 
 
@@ -557,7 +562,9 @@ def prompt_texts(findings: Sequence[str], templates: Sequence[tuple[str, str]]) 
         ValueError: no findings or templates, or a template that is not a pair.
     """
     if not findings or not templates or any(len(t) != 2 for t in templates):
-        raise ValueError(f"need findings and (present, absent) template pairs, got {len(findings)} findings, {templates}")
+        raise ValueError(
+            f"need findings and (present, absent) template pairs, got {len(findings)} findings, {templates}"
+        )
     return [templates[t][p].format(finding=f) for f in findings for p in range(2) for t in range(len(templates))]
 
 
@@ -580,7 +587,9 @@ def prompt_embeddings(
     texts = prompt_texts(findings, templates)
     emb = encode_text(texts)
     if emb.ndim != 2 or emb.shape[0] != len(texts):
-        raise ValueError(f"encode_text returned {tuple(emb.shape)} for {len(texts)} prompts, expected ({len(texts)}, E)")
+        raise ValueError(
+            f"encode_text returned {tuple(emb.shape)} for {len(texts)} prompts, expected ({len(texts)}, E)"
+        )
     return emb.reshape(len(findings), 2, len(templates), emb.shape[1])  # (K*2*T, E) -> (K, 2, T, E)
 
 
@@ -592,7 +601,9 @@ def ensemble_prompts(prompt_embedding: torch.Tensor) -> torch.Tensor:
     return F.normalize(F.normalize(prompt_embedding.float(), dim=-1).mean(2), dim=-1)  # (K, 2, T, E) -> (K, 2, E)
 
 
-def zero_shot_probabilities(image_embedding: torch.Tensor, prompt_embedding: torch.Tensor, logit_scale: float) -> torch.Tensor:
+def zero_shot_probabilities(
+    image_embedding: torch.Tensor, prompt_embedding: torch.Tensor, logit_scale: float
+) -> torch.Tensor:
     """Probability that each finding is present: softmax over the (present, absent) prompt pair.
 
     CT-CLIP protocol (arXiv:2403.17834; ``scripts/zero_shot.py``): logits are ``logit_scale`` times the
@@ -614,7 +625,9 @@ def zero_shot_probabilities(image_embedding: torch.Tensor, prompt_embedding: tor
     """
     text = ensemble_prompts(prompt_embedding).to(image_embedding.device)  # (K, 2, E)
     if image_embedding.ndim != 2 or image_embedding.shape[1] != text.shape[-1]:
-        raise ValueError(f"image embeddings {tuple(image_embedding.shape)} do not match prompts {tuple(prompt_embedding.shape)}")
+        raise ValueError(
+            f"image embeddings {tuple(image_embedding.shape)} do not match prompts {tuple(prompt_embedding.shape)}"
+        )
     image = F.normalize(image_embedding.float(), dim=-1)
     logits = float(logit_scale) * torch.einsum("me,kpe->mkp", image, text)  # (M, K, 2)
     return logits.softmax(-1)[..., 0]  # (M, K)
@@ -842,7 +855,9 @@ def classification_metrics(
             if not used:
                 entry = _entry(None, "undefined for every finding of the subset")
             else:
-                entry = with_ci(_entry(float(np.mean([point[j][name][0] for j in used]))), _nanmean_rows(boot[:, used, m]))
+                entry = with_ci(
+                    _entry(float(np.mean([point[j][name][0] for j in used]))), _nanmean_rows(boot[:, used, m])
+                )
                 if n_bootstrap:
                     entry["class_resamples_skipped"] = int(np.isnan(boot[:, used, m]).sum())
             macro[name] = dict(entry, findings_used=[findings[j] for j in used], findings_undefined=undefined)
@@ -896,7 +911,11 @@ def finding_region_similarity(region_embedding: torch.Tensor, finding_embedding:
     Raises:
         ValueError: widths differ or the shapes are not ``(M, R, E)`` and ``(K, E)``.
     """
-    if region_embedding.ndim != 3 or finding_embedding.ndim != 2 or region_embedding.shape[-1] != finding_embedding.shape[-1]:
+    if (
+        region_embedding.ndim != 3
+        or finding_embedding.ndim != 2
+        or region_embedding.shape[-1] != finding_embedding.shape[-1]
+    ):
         raise ValueError(
             f"region embeddings {tuple(region_embedding.shape)} (M, R, E) and findings {tuple(finding_embedding.shape)} "
             "(K, E) do not match"
@@ -940,7 +959,9 @@ def top_regions_per_finding(
         )
     present = region_present.bool().to(similarity.device)[:, None, :].expand(m, k, r)  # (M, K, R)
     counts = present.sum(0).double()  # (K, R)
-    summed = torch.where(present, similarity.double(), torch.zeros_like(similarity, dtype=torch.float64)).sum(0)  # (K, R)
+    summed = torch.where(present, similarity.double(), torch.zeros_like(similarity, dtype=torch.float64)).sum(
+        0
+    )  # (K, R)
     mean = summed / counts.clamp(min=1)
     masked = similarity.masked_fill(~present, -math.inf)
     has_any = present.any(-1)  # (M, K)
@@ -950,7 +971,8 @@ def top_regions_per_finding(
     for j, finding in enumerate(findings):
         ranked = [i for i in torch.argsort(mean[j], descending=True).tolist() if counts[j, i] > 0][:top_k]
         out[finding] = [
-            {"region": region_names[i], "mean_similarity": float(mean[j, i]), "top1_fraction": float(top1[j, i])} for i in ranked
+            {"region": region_names[i], "mean_similarity": float(mean[j, i]), "top1_fraction": float(top1[j, i])}
+            for i in ranked
         ]
     return out
 
@@ -1002,7 +1024,9 @@ def region_auroc(
     }
 
 
-def text_patch_similarity(local_embedding: torch.Tensor, text_embedding: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+def text_patch_similarity(
+    local_embedding: torch.Tensor, text_embedding: torch.Tensor, grid: Sequence[int]
+) -> torch.Tensor:
     """Text-to-patch cosine similarity map ``(Z, Y, X)`` of one case (FILIP-style token similarity).
 
     Args:
@@ -1020,7 +1044,11 @@ def text_patch_similarity(local_embedding: torch.Tensor, text_embedding: torch.T
         ValueError: ``N != Z * Y * X`` or widths differ.
     """
     z, y, x = (int(g) for g in grid)
-    if local_embedding.ndim != 2 or local_embedding.shape[0] != z * y * x or text_embedding.shape != local_embedding.shape[1:]:
+    if (
+        local_embedding.ndim != 2
+        or local_embedding.shape[0] != z * y * x
+        or text_embedding.shape != local_embedding.shape[1:]
+    ):
         raise ValueError(
             f"local embeddings {tuple(local_embedding.shape)} and text {tuple(text_embedding.shape)} do not fit grid {(z, y, x)}"
         )
@@ -1096,7 +1124,12 @@ def cot_alignment(
         ValueError: shapes disagree, or a step names a case missing from ``case_index``.
     """
     s, m, r = step_embedding.shape[0], case_index.shape[0], region_embedding.shape[1]
-    if step_case_index.shape != (s,) or step_tags.shape != (s, r) or region_present.shape != (m, r) or region_z.shape != (m, r):
+    if (
+        step_case_index.shape != (s,)
+        or step_tags.shape != (s, r)
+        or region_present.shape != (m, r)
+        or region_z.shape != (m, r)
+    ):
         raise ValueError(
             f"steps {tuple(step_embedding.shape)}, step cases {tuple(step_case_index.shape)}, tags {tuple(step_tags.shape)}, "
             f"regions {tuple(region_embedding.shape)}, present {tuple(region_present.shape)}, z {tuple(region_z.shape)} disagree"
@@ -1232,11 +1265,18 @@ class ZeroShotEvaluation(Metric):
         device: str | torch.device = "cpu",
     ) -> None:
         if prompt_embedding.ndim != 4 or prompt_embedding.shape[0] != len(findings):
-            raise ValueError(f"prompt embeddings {tuple(prompt_embedding.shape)} must be (K, 2, T, E) with K = {len(findings)}")
+            raise ValueError(
+                f"prompt embeddings {tuple(prompt_embedding.shape)} must be (K, 2, T, E) with K = {len(findings)}"
+            )
         self.prompt_embedding = prompt_embedding.detach()
         self.logit_scale = float(logit_scale)
         self.findings = tuple(findings)
-        self.threshold_method, self.n_bootstrap, self.seed, self.confidence = threshold_method, n_bootstrap, seed, confidence
+        self.threshold_method, self.n_bootstrap, self.seed, self.confidence = (
+            threshold_method,
+            n_bootstrap,
+            seed,
+            confidence,
+        )
         self.macro_subsets = macro_subsets
         self._rows = CaseAccumulator(device)
         super().__init__(output_transform=output_transform, device=device, metrics_result_mode="named")

@@ -66,7 +66,14 @@ def plot_slice_bias(slice_bias: torch.Tensor | np.ndarray, path: str | Path) -> 
     ax = fig.add_subplot()
     colors = colormaps["tab20"](np.arange(heads) % 20)
     for h in range(heads):
-        ax.plot(np.arange(buckets), table[h], marker=".", color=colors[h], linestyle="-" if h < 20 else "--", label=f"head {h}")
+        ax.plot(
+            np.arange(buckets),
+            table[h],
+            marker=".",
+            color=colors[h],
+            linestyle="-" if h < 20 else "--",
+            label=f"head {h}",
+        )
     ax.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xlabel(f"slice distance |z_i - z_j| in patch rows (last bin: {buckets - 1} or more)")
     ax.set_ylabel("attention logit bias")
@@ -188,7 +195,9 @@ def patch_map_to_grid(patch_map: torch.Tensor | np.ndarray, spatial_shape: Seque
     return up.permute(2, 1, 0).contiguous().numpy()  # (Z, Y, X) -> (X, Y, Z)
 
 
-def save_patch_map_nifti(patch_map: torch.Tensor | np.ndarray, reference: str | Path | torch.Tensor, path: str | Path) -> Path:
+def save_patch_map_nifti(
+    patch_map: torch.Tensor | np.ndarray, reference: str | Path | torch.Tensor, path: str | Path
+) -> Path:
     """Write a patch-grid map as a float32 NIfTI on the reference CT's grid, with its affine.
 
     The map belongs to the reference volume as the network saw it after RAS orientation, with no

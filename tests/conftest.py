@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from scripts.data import FINDINGS, parse_volume_name
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +105,9 @@ def start_gloo_processes(worker, args: tuple, tmp_path: Path, nprocs: int = 2, t
     worker still running after ``timeout_s`` is killed and the test fails instead of hanging.
     """
     rendezvous = tmp_path / "gloo_rendezvous"
-    context = mp.start_processes(worker, args=(nprocs, str(rendezvous), *args), nprocs=nprocs, join=False, start_method="spawn")
+    context = mp.start_processes(
+        worker, args=(nprocs, str(rendezvous), *args), nprocs=nprocs, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + timeout_s
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
@@ -172,21 +173,43 @@ def ctrate_root(tmp_path_factory, sample_datalist, sample_dir):
         findings = LONG_FINDINGS if name == "train_2_a_1.nii.gz" else item["text"]
         if f["scan"] == "train_1_a":
             findings = sources["train_1_a_1.nii.gz"]["text"]  # reconstructions of one scan share one report
-        reports[f["split"]].append({"VolumeName": name, "ClinicalInformation_EN": "Not given.", "Technique_EN": "Non-contrast chest CT.",
-                                    "Findings_EN": findings, "Impressions_EN": "IMPRESSION-MARKER no acute finding."})
-        metadata[f["split"]].append({"VolumeName": name, "Manufacturer": "TEST", "RescaleSlope": 1.0, "RescaleIntercept": INTERCEPT,
-                                     "XYSpacing": f"[{zooms[0]}, {zooms[1]}]", "ZSpacing": zooms[2]})
+        reports[f["split"]].append(
+            {
+                "VolumeName": name,
+                "ClinicalInformation_EN": "Not given.",
+                "Technique_EN": "Non-contrast chest CT.",
+                "Findings_EN": findings,
+                "Impressions_EN": "IMPRESSION-MARKER no acute finding.",
+            }
+        )
+        metadata[f["split"]].append(
+            {
+                "VolumeName": name,
+                "Manufacturer": "TEST",
+                "RescaleSlope": 1.0,
+                "RescaleIntercept": INTERCEPT,
+                "XYSpacing": f"[{zooms[0]}, {zooms[1]}]",
+                "ZSpacing": zooms[2],
+            }
+        )
         case = len(labels[f["split"]])  # labels written for the test: alternate between cases, hiatal hernia never
-        labels[f["split"]].append({"VolumeName": name, **{x: 0 if x == "Hiatal hernia" else (i + case) % 2 for i, x in enumerate(FINDINGS)}})
-    for split, long_name in (("train", "validation"), ("valid", "validation")):
+        labels[f["split"]].append(
+            {"VolumeName": name, **{x: 0 if x == "Hiatal hernia" else (i + case) % 2 for i, x in enumerate(FINDINGS)}}
+        )
+    for split in ("train", "valid"):
         prefix = "train" if split == "train" else "validation"
         (root / "dataset/radiology_text_reports").mkdir(parents=True, exist_ok=True)
         (root / "dataset/metadata").mkdir(parents=True, exist_ok=True)
         (root / "dataset/multi_abnormality_labels").mkdir(parents=True, exist_ok=True)
         pd.DataFrame(reports[split]).to_csv(root / f"dataset/radiology_text_reports/{prefix}_reports.csv", index=False)
         pd.DataFrame(metadata[split]).to_csv(root / f"dataset/metadata/{prefix}_metadata.csv", index=False)
-        pd.DataFrame(labels[split]).to_csv(root / f"dataset/multi_abnormality_labels/{split}_predicted_labels.csv", index=False)
-    pd.DataFrame([{"Volumename": "valid_1_a_1.nii.gz", "Anatomy": "right lung", "Sentence": "A nodule in the right lung."},
-                  {"Volumename": "valid_1_a_1.nii.gz", "Anatomy": "heart", "Sentence": "The heart is normal."}]).to_csv(
-        root / "dataset/validation_region_report.csv", index=False)
+        pd.DataFrame(labels[split]).to_csv(
+            root / f"dataset/multi_abnormality_labels/{split}_predicted_labels.csv", index=False
+        )
+    pd.DataFrame(
+        [
+            {"Volumename": "valid_1_a_1.nii.gz", "Anatomy": "right lung", "Sentence": "A nodule in the right lung."},
+            {"Volumename": "valid_1_a_1.nii.gz", "Anatomy": "heart", "Sentence": "The heart is normal."},
+        ]
+    ).to_csv(root / "dataset/validation_region_report.csv", index=False)
     return root

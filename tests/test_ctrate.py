@@ -9,8 +9,6 @@ import pytest
 import torch
 from conftest import INTERCEPT, LONG_FINDINGS, bundle_parser
 from monai.transforms import Compose
-from transformers import AutoTokenizer
-
 from scripts.data import (
     FINDINGS,
     BadCaseError,
@@ -22,6 +20,7 @@ from scripts.data import (
     load_pairs,
     parse_volume_name,
 )
+from transformers import AutoTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +38,23 @@ def test_volume_names_and_study_grouping(ctrate_root, tokenizer, caplog):
     with pytest.raises(ValueError, match="not a CT-RATE volume name"):
         parse_volume_name("case_1.nii.gz")
     with caplog.at_level(logging.INFO):
-        items = build_ctrate_datalist(ctrate_root / "dataset", "training", seg_dir=ctrate_root / "seg",
-                                      missing_seg="no_regions", tokenizer=tokenizer, max_length=512)
+        items = build_ctrate_datalist(
+            ctrate_root / "dataset",
+            "training",
+            seg_dir=ctrate_root / "seg",
+            missing_seg="no_regions",
+            tokenizer=tokenizer,
+            max_length=512,
+        )
     by_name = {it["case_id"]: it for it in items}
     assert set(by_name) == {"train_1_a_1", "train_1_a_2", "train_2_a_1"}
     assert by_name["train_1_a_1"]["study"] == by_name["train_1_a_2"]["study"] == "train_1_a"
     assert "train_fixed" in by_name["train_1_a_1"]["image"] and "rescale_slope" not in by_name["train_1_a_1"]
     assert "seg" not in by_name["train_2_a_1"] and "seg" in by_name["train_1_a_1"]
     assert "1 of 3 volumes have no TotalSegmentator mask" in caplog.text
-    assert by_name["train_1_a_1"]["labels"] == [0.0 if f == "Hiatal hernia" else float(i % 2) for i, f in enumerate(FINDINGS)]
+    assert by_name["train_1_a_1"]["labels"] == [
+        0.0 if f == "Hiatal hernia" else float(i % 2) for i, f in enumerate(FINDINGS)
+    ]
     # the long report was shortened at sentence boundaries, keeping the impression, and counted
     long_text = by_name["train_2_a_1"]["text"]
     assert long_text.endswith("Impression: IMPRESSION-MARKER no acute finding.")
@@ -67,8 +74,13 @@ def test_v1_and_v2_copies_give_identical_hu(ctrate_root, parser):
     load = Compose(parser.get_parsed_content("load_transforms"))
     outputs = {}
     for version in ("v1", "v2"):
-        items = build_ctrate_datalist(ctrate_root / "dataset", "training", seg_dir=ctrate_root / "seg",
-                                      missing_seg="no_regions", volume_version=version)
+        items = build_ctrate_datalist(
+            ctrate_root / "dataset",
+            "training",
+            seg_dir=ctrate_root / "seg",
+            missing_seg="no_regions",
+            volume_version=version,
+        )
         item = next(it for it in items if it["case_id"] == "train_1_a_1")
         assert ("rescale_slope" in item) == (version == "v1")
         outputs[version] = load(item)
@@ -98,7 +110,9 @@ def test_air_check_refuses_raw_and_twice_rescaled_volumes(ctrate_root, parser):
 def test_header_spacing_wins_and_is_logged_once(ctrate_root, caplog):
     from monai.transforms import LoadImaged
 
-    items = build_ctrate_datalist(ctrate_root / "dataset", "training", seg_dir=ctrate_root / "seg", missing_seg="no_regions")
+    items = build_ctrate_datalist(
+        ctrate_root / "dataset", "training", seg_dir=ctrate_root / "seg", missing_seg="no_regions"
+    )
     item = next(it for it in items if it["case_id"] == "train_1_a_2")
     compare = CompareSpacingd("image")
     data = LoadImaged("image", image_only=True)(item)
@@ -114,9 +128,16 @@ def test_radgenome_region_sentences_are_used(ctrate_root, parser):
     regions = parser.get_parsed_content("load_transforms")[-3](items[0])  # RegionSentencesd
     names = parser.get_parsed_content("region_map").names
     filled = {names[r]: t for r, t in enumerate(regions["region_text"]) if t}
-    assert filled == {"lung_upper_lobe_right": "A nodule in the right lung.", "lung_middle_lobe_right": "A nodule in the right lung.",
-                      "lung_lower_lobe_right": "A nodule in the right lung.", "heart": "The heart is normal."}
-    assert regions["region_normal"][names.index("heart")] and not regions["region_normal"][names.index("lung_lower_lobe_right")]
+    assert filled == {
+        "lung_upper_lobe_right": "A nodule in the right lung.",
+        "lung_middle_lobe_right": "A nodule in the right lung.",
+        "lung_lower_lobe_right": "A nodule in the right lung.",
+        "heart": "The heart is normal.",
+    }
+    assert (
+        regions["region_normal"][names.index("heart")]
+        and not regions["region_normal"][names.index("lung_lower_lobe_right")]
+    )
 
 
 def test_load_pairs_finds_either_layout(ctrate_root, sample_dir, tmp_path):
@@ -128,7 +149,9 @@ def test_load_pairs_finds_either_layout(ctrate_root, sample_dir, tmp_path):
 
 
 def test_persistent_cache_skips_bad_cases_and_stores_compact_types(ctrate_root, parser, sample_dir, tmp_path, caplog):
-    items = build_ctrate_datalist(ctrate_root / "dataset", "training", seg_dir=ctrate_root / "seg", missing_seg="no_regions")
+    items = build_ctrate_datalist(
+        ctrate_root / "dataset", "training", seg_dir=ctrate_root / "seg", missing_seg="no_regions"
+    )
     bad = dict(items[0], seg=str(sample_dir / "seg/upper_abdomen_dicom_00.nii.gz"))  # a mask of another CT
     transform = Compose(parser.get_parsed_content("load_transforms"))
     dataset = CTReportDataset([bad] + items, transform, cache_dir=str(tmp_path / "cache"))

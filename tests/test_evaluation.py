@@ -14,13 +14,8 @@ import torch
 from conftest import bundle_parser
 from monai.bundle import ConfigWorkflow
 from monai.transforms import Compose
-
 from scripts.data import FINDINGS
-from scripts.evaluation import (
-    load_prompt_templates,
-    network_grid_affine,
-    save_map_on_ct,
-)
+from scripts.evaluation import load_prompt_templates, network_grid_affine, save_map_on_ct
 
 CONFIGS = ("train.json", "demo.json", "ablation.json", "evaluate.json")
 LIVER = 5
@@ -90,7 +85,9 @@ def test_evaluation_on_the_sample_writes_every_metric(bundle_root, tmp_path, che
         assert np.isfinite(first[kind]).all() and np.abs(first[kind]).max() > 0
     _evaluate(bundle_root, tmp_path, checkpoint)  # second run: every case from the cache
     for kind, values in first.items():
-        assert np.allclose(np.asanyarray(nib.load(tmp_path / f"eval/maps/{item['study']}_{kind}.nii.gz").dataobj), values)
+        assert np.allclose(
+            np.asanyarray(nib.load(tmp_path / f"eval/maps/{item['study']}_{kind}.nii.gz").dataobj), values
+        )
 
 
 def test_evaluation_on_the_ct_rate_layout_defines_what_the_labels_allow(bundle_root, tmp_path, checkpoint, ctrate_root):
@@ -112,7 +109,10 @@ def test_evaluation_on_the_ct_rate_layout_defines_what_the_labels_allow(bundle_r
 def test_map_peak_lands_in_the_named_region_on_the_ct_grid(bundle_root, sample_datalist, sample_dir, tmp_path):
     """A map that peaks at the patch with the most liver comes back onto the CT file inside its liver."""
     parser = bundle_parser(*CONFIGS)
-    item = max(sample_datalist["validation"], key=lambda it: (np.asanyarray(nib.load(sample_dir / it["seg"]).dataobj) == LIVER).sum())
+    item = max(
+        sample_datalist["validation"],
+        key=lambda it: (np.asanyarray(nib.load(sample_dir / it["seg"]).dataobj) == LIVER).sum(),
+    )
     files = {"image": str(sample_dir / item["image"]), "seg": str(sample_dir / item["seg"])}
     chain = Compose(parser.get_parsed_content("evaluate#preprocessing"))
     data = chain(dict(files, text=item["text"], labels=[float("nan")] * 18))
@@ -123,7 +123,13 @@ def test_map_peak_lands_in_the_named_region_on_the_ct_grid(bundle_root, sample_d
     grid = tuple(s // p for s, p in zip(parser["input_size"], patch_size))
     patch_map = assignment["patch_to_region"][0, :, liver_region].reshape(grid)  # (Z, Y, X), peak in the liver
     path = save_map_on_ct(
-        patch_map, data["grid_affine"], data["grid_shape"], parser["input_size"], data["image"][0], files["image"], tmp_path / "liver"
+        patch_map,
+        data["grid_affine"],
+        data["grid_shape"],
+        parser["input_size"],
+        data["image"][0],
+        files["image"],
+        tmp_path / "liver",
     )
     saved, ct, seg = nib.load(path), nib.load(files["image"]), nib.load(files["seg"])
     assert saved.shape == ct.shape and np.allclose(saved.affine, ct.affine)
@@ -137,7 +143,9 @@ def test_map_peak_lands_in_the_named_region_on_the_ct_grid(bundle_root, sample_d
 
 
 def test_prompt_templates_file(bundle_root, tmp_path):
-    assert load_prompt_templates(bundle_root / "configs/zero_shot_prompts.json") == [("{finding} is present.", "{finding} is not present.")]
+    assert load_prompt_templates(bundle_root / "configs/zero_shot_prompts.json") == [
+        ("{finding} is present.", "{finding} is not present.")
+    ]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"templates": [["{finding} is present.", "absent"]]}))
     with pytest.raises(ValueError, match="bad.json"):
@@ -156,7 +164,13 @@ def test_two_process_evaluation_equals_one_process(bundle_root, tmp_path, checkp
     }  # fmt: skip
     reports = {}
     for name, command in runs.items():
-        done = subprocess.run(command + common + ["--eval_dir", str(tmp_path / name)], cwd=bundle_root, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            command + common + ["--eval_dir", str(tmp_path / name)],
+            cwd=bundle_root,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
         reports[name] = json.loads((tmp_path / name / "metrics.json").read_text())
     assert reports["two"]["cases"] == reports["one"]["cases"] == 20

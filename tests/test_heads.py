@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from conftest import packed_input, tiny_encoder
-
 from scripts.losses import FindingLoss, MultiLevelLoss, region_text_inputs, step_inputs
 from scripts.metrics import region_assignment_counts
 from scripts.networks import FindingHead, HFTextEncoder, SegmentationAuxHead
@@ -67,7 +66,12 @@ def test_every_term_on_a_tiny_encoder_trains_its_heads(region_map, tiny_bert_dir
     report_emb, token_emb, token_mask = text.forward_with_tokens(["Clear lungs.", "Cardiomegaly, lungs clear."])
     steps, step_item, step_regions = step_inputs([[{"text": "Look at the heart.", "regions": [7, 4]}], []], r)
     loss = MultiLevelLoss(
-        global_weight=1.0, region_weight=1.0, step_weight=1.0, local_weight=1.0, segmentation_weight=1.0, finding_weight=1.0
+        global_weight=1.0,
+        region_weight=1.0,
+        step_weight=1.0,
+        local_weight=1.0,
+        segmentation_weight=1.0,
+        finding_weight=1.0,
     )
     terms = loss(
         logit_scale=torch.tensor(10.0),

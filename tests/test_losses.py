@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import close_gloo, init_gloo, start_gloo_processes
-
 from scripts.losses import (
     ContrastiveInfoNCELoss,
     FindingLoss,
@@ -52,7 +51,9 @@ def test_false_negatives_become_soft_positives():
     logits = 3.0 * image @ text.T
     # items 0 and 1 share a study: each row's target is 1/2 on both
     targets = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
-    expected = (-(targets * logits.log_softmax(1)).sum(1).mean() - (targets * logits.T.log_softmax(1)).sum(1).mean()) / 2
+    expected = (
+        -(targets * logits.log_softmax(1)).sum(1).mean() - (targets * logits.T.log_softmax(1)).sum(1).mean()
+    ) / 2
     groups = positive_groups(pair_keys(["s1", "s1", "s2"], ["a", "b", "c"]))
     assert groups.tolist() == [0, 0, 2]
     loss = ContrastiveInfoNCELoss()(image, text, scale, groups)
@@ -94,7 +95,9 @@ def test_ddp_gather_gives_the_single_process_gradient(tmp_path):
     single = torch.nn.Linear(4, 4, bias=False)
     with torch.no_grad():
         single.weight.copy_(torch.eye(4))
-    loss = ContrastiveInfoNCELoss()(single(image), text, torch.tensor(5.0), positive_groups(pair_keys(list("abcd"), list("wxyz"))))
+    loss = ContrastiveInfoNCELoss()(
+        single(image), text, torch.tensor(5.0), positive_groups(pair_keys(list("abcd"), list("wxyz")))
+    )
     loss.backward()
     result = tmp_path / "rank0.pt"
     start_gloo_processes(_ddp_worker, (image, text, str(result)), tmp_path)
@@ -287,7 +290,9 @@ def test_text_tokens_feed_the_local_loss(tiny_bert_dir):
     embedding, tokens, mask = encoder.forward_with_tokens(texts)
     assert torch.allclose(embedding, encoder(texts), atol=1e-6)
     assert torch.equal(mask, encoder.tokenize(texts)["attention_mask"].bool()) and mask.dtype == torch.bool
-    assert tokens.shape == (2, mask.shape[1], 8) and torch.allclose(tokens.norm(dim=-1), torch.ones(mask.shape), atol=1e-5)
+    assert tokens.shape == (2, mask.shape[1], 8) and torch.allclose(
+        tokens.norm(dim=-1), torch.ones(mask.shape), atol=1e-5
+    )
     assert torch.allclose(tokens[:, 0], embedding, atol=1e-6)  # [CLS] token = the cls-pooled embedding
     local = torch.nn.functional.normalize(torch.randn(2, 6, 8), dim=-1).requires_grad_(True)
     LocalAlignmentLoss()(local, tokens, mask, torch.tensor(10.0)).backward()
@@ -332,7 +337,11 @@ def test_multilevel_loss_sums_enabled_terms_only():
     image, text = IMAGE_2.clone(), TEXT_2.clone()
     finding_logits, labels = torch.tensor([[0.0]]), torch.tensor([[1.0]])
     out = MultiLevelLoss(global_weight=1.0, finding_weight=0.5)(
-        logit_scale=torch.tensor(2.0), image_emb=image, text_emb=text, finding_logits=finding_logits, finding_labels=labels
+        logit_scale=torch.tensor(2.0),
+        image_emb=image,
+        text_emb=text,
+        finding_logits=finding_logits,
+        finding_labels=labels,
     )
     expected_global = _two_way_infonce(LOGITS_2, [[1, 0], [0, 1]])
     assert set(out) == {"loss", "global", "finding"}

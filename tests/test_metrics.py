@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import close_gloo, init_gloo, start_gloo_processes
-from sklearn.metrics import accuracy_score, f1_score, precision_score, roc_auc_score
-
 from scripts.losses import pair_keys, positive_groups
 from scripts.metrics import (
     CT_CLIP_TEMPLATES,
@@ -45,6 +43,7 @@ from scripts.metrics import (
     zero_shot_probabilities,
 )
 from scripts.networks.patch_embedding import patch_grid_positions
+from sklearn.metrics import accuracy_score, f1_score, precision_score, roc_auc_score
 
 
 def _value(report: dict, direction: str, name: str):
@@ -100,7 +99,9 @@ def test_tie_modes_on_a_collapsed_model_by_hand():
     assert _value(mean, "image_to_text", "recall@1") == pytest.approx((0.5 + 0.5 + 0.25 + 0.25) / 4)
     assert _value(mean, "image_to_text", "mean_rank") == pytest.approx((2 * 5 / 3 + 2 * 2.5) / 4)
     # the expected value of random tie-breaking equals the chance level
-    assert _value(mean, "image_to_text", "recall@1") == pytest.approx(mean["image_to_text"]["chance"]["recall@1"]["value"])
+    assert _value(mean, "image_to_text", "recall@1") == pytest.approx(
+        mean["image_to_text"]["chance"]["recall@1"]["value"]
+    )
     pessimistic = retrieval_metrics(same, same, groups, ks=(1, 2), tie_mode="pessimistic")
     optimistic = retrieval_metrics(same, same, groups, ks=(1, 2), tie_mode="optimistic")
     assert _value(pessimistic, "text_to_image", "recall@1") == 0.0
@@ -185,7 +186,9 @@ def test_select_one_per_study_is_deterministic():
 def test_comb_ratio_matches_exact_binomials():
     for a, b, k in [(3, 5, 2), (0, 4, 1), (10, 12, 3), (2, 6, 3), (1500, 1564, 100)]:
         expected = math.comb(a, k) / math.comb(b, k)
-        assert _comb_ratio(torch.tensor([a]), torch.tensor([b]), k).item() == pytest.approx(expected, rel=1e-9, abs=1e-300)
+        assert _comb_ratio(torch.tensor([a]), torch.tensor([b]), k).item() == pytest.approx(
+            expected, rel=1e-9, abs=1e-300
+        )
 
 
 # ---------------------------------------------------------------- zero-shot classification
@@ -288,7 +291,9 @@ def test_undefined_metrics_are_null_with_reason():
     assert negatives["precision"]["value"] is None and "only negative cases" in negatives["precision"]["reason"]
     assert unknown["auroc"] == {"value": None, "reason": "no labels"} and unknown["n"] == 0
     macro = report["macro"]["all"]["auroc"]
-    assert macro["findings_used"] == ["ok"] and macro["value"] == pytest.approx(report["per_class"]["ok"]["auroc"]["value"])
+    assert macro["findings_used"] == ["ok"] and macro["value"] == pytest.approx(
+        report["per_class"]["ok"]["auroc"]["value"]
+    )
     assert macro["findings_undefined"] == {"negatives": "only negative cases", "unknown": "no labels"}
     json.dumps(report, allow_nan=False)  # no NaN anywhere: JSON-serialisable as is
 
@@ -389,9 +394,21 @@ def test_cot_alignment_by_hand():
     # tagged z (0, 2, 3), grounded z (0, 2, 1): pairs (0,1), (0,2) agree, (1,2) disagrees
     assert order["value"] == pytest.approx(2 / 3) and order["n_pairs"] == 3
     # two steps tagged at z = 0 and z = 2, both grounded in region 1: a tie in grounded order counts one half
-    tied = cot_alignment(regions[0, [1, 1]], torch.tensor([7, 7]), torch.eye(5, dtype=torch.bool)[[0, 2]], torch.tensor([7]), regions, present, z)
-    assert tied["step_order_consistency"] == {"value": 0.5, "n_pairs": 1} and tied["step_region_accuracy"]["value"] == 0.0
-    none = cot_alignment(steps, torch.full((5,), 7), torch.zeros(5, 5, dtype=torch.bool), torch.tensor([7]), regions, present, z)
+    tied = cot_alignment(
+        regions[0, [1, 1]],
+        torch.tensor([7, 7]),
+        torch.eye(5, dtype=torch.bool)[[0, 2]],
+        torch.tensor([7]),
+        regions,
+        present,
+        z,
+    )
+    assert (
+        tied["step_order_consistency"] == {"value": 0.5, "n_pairs": 1} and tied["step_region_accuracy"]["value"] == 0.0
+    )
+    none = cot_alignment(
+        steps, torch.full((5,), 7), torch.zeros(5, 5, dtype=torch.bool), torch.tensor([7]), regions, present, z
+    )
     assert none["step_region_accuracy"]["value"] is None and "no step" in none["step_region_accuracy"]["reason"]
     with pytest.raises(ValueError, match="missing"):
         cot_alignment(steps, torch.full((5,), 8), tags, torch.tensor([7]), regions, present, z)
@@ -459,7 +476,9 @@ def _ddp_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
         from torch.utils.data import DistributedSampler
 
         data = _ddp_data()
-        shard = list(DistributedSampler(range(11), num_replicas=world, rank=rank, shuffle=False))  # 6 each, case 0 twice
+        shard = list(
+            DistributedSampler(range(11), num_replicas=world, rank=rank, shuffle=False)
+        )  # 6 each, case 0 twice
         reports = _evaluate([shard[i : i + 4] for i in range(0, len(shard), 4)], data)
         # uneven shards, one of them empty: rank 0 holds every case (one twice), rank 1 nothing
         accumulator = CaseAccumulator()
@@ -481,7 +500,9 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
     # the one-process reports are the direct computations on the whole set (one volume per study)
     keep = select_one_per_study(data["keys"][:, 0].tolist(), list(range(11)))
     assert keep == [0, 2, 4, 6, 8, 10]
-    direct = retrieval_metrics(data["image"][keep], data["text"][keep], positive_groups(data["keys"][keep]), (1, 5), "mean")
+    direct = retrieval_metrics(
+        data["image"][keep], data["text"][keep], positive_groups(data["keys"][keep]), (1, 5), "mean"
+    )
     assert _close(single["retrieval"]["image_to_text"], direct["image_to_text"])
     assert single["retrieval"]["protocol"]["pairs_evaluated"] == 6
     probs = zero_shot_probabilities(data["image"], data["prompts"], 10.0)

@@ -8,13 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import packed_input, tiny_encoder
-
-from scripts.networks import (
-    AnatomyAwareCTEncoder,
-    PatchEmbedding3D,
-    RegionCrossAttention,
-    SliceAwareSelfAttention,
-)
+from scripts.networks import AnatomyAwareCTEncoder, PatchEmbedding3D, RegionCrossAttention, SliceAwareSelfAttention
 from scripts.networks.patch_embedding import patch_grid_positions
 from scripts.networks.slice_attention import slice_distance_index
 

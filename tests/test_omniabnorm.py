@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from monai.transforms import LoadImaged
 from PIL import Image
-
 from scripts.data import load_omniabnorm
 
 LIVER, SPLEEN = 5, 1
@@ -20,8 +19,11 @@ def omniabnorm_root(tmp_path_factory, sample_datalist, sample_dir):
     """One sample: five axial slices (key slice 0, context -2..2) of a real CT crop as JPEG, and two
     'abnormality' masks on the key slice (the liver and the spleen, with text written for this test)."""
     root = tmp_path_factory.mktemp("omniabnorm")
-    item = max(sample_datalist["validation"], key=lambda it: np.isin(np.asanyarray(nib.load(sample_dir / it["seg"]).dataobj), [LIVER]).sum()
-               * np.isin(np.asanyarray(nib.load(sample_dir / it["seg"]).dataobj), [SPLEEN]).sum())
+    item = max(
+        sample_datalist["validation"],
+        key=lambda it: np.isin(np.asanyarray(nib.load(sample_dir / it["seg"]).dataobj), [LIVER]).sum()
+        * np.isin(np.asanyarray(nib.load(sample_dir / it["seg"]).dataobj), [SPLEEN]).sum(),
+    )
     ct = np.asanyarray(nib.as_closest_canonical(nib.load(sample_dir / item["image"])).dataobj).astype(np.float32)
     seg = np.asanyarray(nib.as_closest_canonical(nib.load(sample_dir / item["seg"])).dataobj)
     key = int(np.argmax([(seg[..., z] == LIVER).sum() * (seg[..., z] == SPLEEN).sum() for z in range(seg.shape[-1])]))
@@ -32,10 +34,25 @@ def omniabnorm_root(tmp_path_factory, sample_datalist, sample_dir):
         pixels = np.clip((ct[..., key + offset] + 160) / 400 * 255, 0, 255).astype(np.uint8)  # abdomen window
         Image.fromarray(pixels.T).save(root / f"images/case1/{offset}.jpg", quality=95)
     for name, label in (("a1", LIVER), ("a2", SPLEEN)):
-        Image.fromarray(((seg[..., key] == label).T * 255).astype(np.uint8)).save(root / f"masks/case1/{name}.jpeg", quality=95)
-    index = {"case1": {"image": "images/case1", "mask": "masks/case1", "context": [-2, -1, 1, 2], "abnormality": [
-        {"id": "a1", "group_id": 0, "label": "Liver lesion (test)", "description": "Test finding written for this fixture: liver."},
-        {"id": "a2", "group_id": 1, "label": "Splenic lesion (test)", "description": ""}]}}
+        Image.fromarray(((seg[..., key] == label).T * 255).astype(np.uint8)).save(
+            root / f"masks/case1/{name}.jpeg", quality=95
+        )
+    index = {
+        "case1": {
+            "image": "images/case1",
+            "mask": "masks/case1",
+            "context": [-2, -1, 1, 2],
+            "abnormality": [
+                {
+                    "id": "a1",
+                    "group_id": 0,
+                    "label": "Liver lesion (test)",
+                    "description": "Test finding written for this fixture: liver.",
+                },
+                {"id": "a2", "group_id": 1, "label": "Splenic lesion (test)", "description": ""},
+            ],
+        }
+    }
     (root / "index.json").write_text(json.dumps(index))
     return root, seg[..., key]
 

@@ -3,13 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from scripts.data import (
-    ChainOfThoughtd,
-    RegionLexicon,
-    RegionSentencesd,
-    split_cot_steps,
-)
+from scripts.data import ChainOfThoughtd, RegionLexicon, RegionSentencesd, split_cot_steps
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +24,16 @@ def _names(lexicon, sentence):
         ("Right upper lobe and left lower lobe nodules.", ["lung_lower_lobe_left", "lung_upper_lobe_right"]),
         ("Nodule in the lower lobe of the left lung.", ["lung_lower_lobe_left"]),
         ("Left pleural effusion.", ["lung_upper_lobe_left", "lung_lower_lobe_left"]),
-        ("Bilateral pleural effusion.", ["lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right",
-                                         "lung_middle_lobe_right", "lung_lower_lobe_right"]),
+        (
+            "Bilateral pleural effusion.",
+            [
+                "lung_upper_lobe_left",
+                "lung_lower_lobe_left",
+                "lung_upper_lobe_right",
+                "lung_middle_lobe_right",
+                "lung_lower_lobe_right",
+            ],
+        ),
         ("Pulmonary veins are dilated.", ["pulmonary_vein"]),
         ("Calcified plaques in the aortic arch and coronary arteries.", ["heart", "aorta"]),
         ("Degenerative osteophytes in the thoracic vertebrae.", ["spine_cord"]),
@@ -56,10 +58,15 @@ def test_lexicon_with_an_unknown_region_is_refused(region_map):
 
 
 def test_region_sentences_from_report_text(lexicon):
-    out = RegionSentencesd(lexicon)({"text": "Heart size is normal. A nodule in the right middle lobe. Liver unremarkable."})
+    out = RegionSentencesd(lexicon)(
+        {"text": "Heart size is normal. A nodule in the right middle lobe. Liver unremarkable."}
+    )
     filled = {lexicon.region_names[r]: t for r, t in enumerate(out["region_text"]) if t}
-    assert filled == {"heart": "Heart size is normal.", "lung_middle_lobe_right": "A nodule in the right middle lobe.",
-                      "liver_gallbladder": "Liver unremarkable."}
+    assert filled == {
+        "heart": "Heart size is normal.",
+        "lung_middle_lobe_right": "A nodule in the right middle lobe.",
+        "liver_gallbladder": "Liver unremarkable.",
+    }
     normal = {lexicon.region_names[r] for r, n in enumerate(out["region_normal"].tolist()) if n}
     assert normal == {"heart", "liver_gallbladder"}
 
@@ -74,11 +81,17 @@ def test_region_sentences_from_report_text(lexicon):
     ],
 )
 def test_three_step_chain_of_thought_in_order(cot):
-    assert split_cot_steps(cot) == ["Inspect the lungs.", "The right lower lobe shows consolidation.", "Conclude pneumonia."]
+    assert split_cot_steps(cot) == [
+        "Inspect the lungs.",
+        "The right lower lobe shows consolidation.",
+        "Conclude pneumonia.",
+    ]
 
 
 def test_chain_of_thought_steps_are_tagged(lexicon):
-    out = ChainOfThoughtd(lexicon)({"cot": "Step 1: Inspect the lungs. Step 2: The right lower lobe shows consolidation."})
+    out = ChainOfThoughtd(lexicon)(
+        {"cot": "Step 1: Inspect the lungs. Step 2: The right lower lobe shows consolidation."}
+    )
     assert [s["text"] for s in out["cot_steps"]] == ["Inspect the lungs.", "The right lower lobe shows consolidation."]
     assert len(out["cot_steps"][0]["regions"]) == 5
     assert [lexicon.region_names[r] for r in out["cot_steps"][1]["regions"]] == ["lung_lower_lobe_right"]

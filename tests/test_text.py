@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from conftest import packed_input, tiny_encoder
-
 from scripts.networks import CTReportCLIP, HFTextEncoder
 
 

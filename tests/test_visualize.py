@@ -7,8 +7,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
-
 from scripts.metrics import retrieval_metrics
 from scripts.networks.slice_attention import SliceAwareSelfAttention
 from scripts.visualize import (
@@ -19,6 +17,7 @@ from scripts.visualize import (
     save_overlay_png,
     save_patch_map_nifti,
 )
+from sklearn.metrics import roc_auc_score
 
 LIVER = 5  # TotalSegmentator v2 "liver"
 PATCH = (4, 4, 3)  # (pz, py, px) voxels: divides the (X, Y, Z) = (33, 32, 20) crop below

@@ -121,7 +121,6 @@ def test_run_stopped_by_an_exception_leaves_a_resume_checkpoint(bundle_root, tmp
 def test_key_metric_state_keeps_the_best_checkpoint_across_a_resume(tmp_path):
     from ignite.engine import Engine
     from monai.handlers import CheckpointSaver
-
     from scripts.checkpoints import KeyMetricState, latest_resume_checkpoint
 
     def validator_with_metric(values):
@@ -199,9 +198,8 @@ def test_multi_gpu_config_trains_with_two_processes(bundle_root, tmp_path):
 
 
 def test_training_list_smaller_than_a_batch_is_an_error():
-    from torch.utils.data import DataLoader
-
     from scripts.engines import ContrastiveTrainer
+    from torch.utils.data import DataLoader
 
     net = torch.nn.Linear(1, 1)
     loader = DataLoader(list(range(3)), batch_size=8, drop_last=True)

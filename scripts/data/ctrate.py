@@ -67,8 +67,14 @@ def parse_volume_name(name: str) -> dict[str, str]:
     if m is None:
         raise ValueError(f"{name!r} is not a CT-RATE volume name (e.g. train_12_a_2.nii.gz)")
     split, patient, scan = m["split"], f"{m['split']}_{m['patient']}", f"{m['split']}_{m['patient']}_{m['scan']}"
-    return {"split": split, "patient": patient, "scan": scan, "reconstruction": m["recon"], "volume": name,
-            "stem": name[: -len(".nii.gz")]}
+    return {
+        "split": split,
+        "patient": patient,
+        "scan": scan,
+        "reconstruction": m["recon"],
+        "volume": name,
+        "stem": name[: -len(".nii.gz")],
+    }
 
 
 def is_ctrate_layout(dataset_dir: str | Path) -> bool:
@@ -142,12 +148,16 @@ def build_ctrate_datalist(
     if section not in SPLITS:
         raise ValueError(f"section must be one of {tuple(SPLITS)}, got {section!r}")
     if missing_seg not in ("error", "no_regions") or volume_version not in ("v1", "v2"):
-        raise ValueError(f"missing_seg must be 'error'/'no_regions' and volume_version 'v1'/'v2', got {missing_seg!r}, {volume_version!r}")
+        raise ValueError(
+            f"missing_seg must be 'error'/'no_regions' and volume_version 'v1'/'v2', got {missing_seg!r}, {volume_version!r}"
+        )
     root, split = Path(dataset_dir), SPLITS[section]
     seg_root = Path(seg_dir) if seg_dir is not None else root
     volumes = _index_volumes(root, split)
     if not volumes:
-        raise ValueError(f"{root}: no CT-RATE volumes under {split}/ or {split}_fixed/ (<patient>/<scan>/<volume>.nii.gz)")
+        raise ValueError(
+            f"{root}: no CT-RATE volumes under {split}/ or {split}_fixed/ (<patient>/<scan>/<volume>.nii.gz)"
+        )
     reports_csv = _find_table(root, split, "*_reports.csv")
     if reports_csv is None:
         raise ValueError(f"{root}: no reports table for split {split!r} (e.g. {split}_reports.csv)")
@@ -162,7 +172,9 @@ def build_ctrate_datalist(
     region_sentences: dict[str, list[dict]] = {}
     if region_csv is not None:
         for row in pd.read_csv(region_csv).itertuples(index=False):
-            region_sentences.setdefault(row.Volumename, []).append({"anatomy": str(row.Anatomy), "sentence": str(row.Sentence)})
+            region_sentences.setdefault(row.Volumename, []).append(
+                {"anatomy": str(row.Anatomy), "sentence": str(row.Sentence)}
+            )
     cot = json.loads(Path(cot_file).read_text()) if cot_file else {}
 
     items, problems, missing_masks, shortened = [], [], [], 0
@@ -191,11 +203,15 @@ def build_ctrate_datalist(
             if meta is None or pd.isna(meta.get("RescaleSlope")) or pd.isna(meta.get("RescaleIntercept")):
                 problems.append(f"{name}: v1 volume without RescaleSlope/RescaleIntercept in the metadata table")
                 continue
-            item["rescale_slope"], item["rescale_intercept"] = float(meta["RescaleSlope"]), float(meta["RescaleIntercept"])
+            item["rescale_slope"], item["rescale_intercept"] = float(meta["RescaleSlope"]), float(
+                meta["RescaleIntercept"]
+            )
         seg = seg_root / seg_pattern.format(**fields)
         if seg.resolve() in {Path(v).resolve() for v in volumes[name].values()}:
-            problems.append(f"{name}: the mask path {seg} is the CT itself; set seg_dir to the TotalSegmentator "
-                            "output folder (and seg_pattern to its layout)")
+            problems.append(
+                f"{name}: the mask path {seg} is the CT itself; set seg_dir to the TotalSegmentator "
+                "output folder (and seg_pattern to its layout)"
+            )
             continue
         if seg.is_file():
             item["seg"] = str(seg)
@@ -209,14 +225,22 @@ def build_ctrate_datalist(
             item["cot"] = cot[name]
         items.append(item)
     if missing_masks:
-        logger.warning(f"{root} [{section}]: {len(missing_masks)} of {len(volumes)} volumes have no TotalSegmentator mask "
-                       f"(first: {missing_masks[0]})" + ("; they train without region tokens" if missing_seg == "no_regions" else ""))
+        logger.warning(
+            f"{root} [{section}]: {len(missing_masks)} of {len(volumes)} volumes have no TotalSegmentator mask "
+            f"(first: {missing_masks[0]})"
+            + ("; they train without region tokens" if missing_seg == "no_regions" else "")
+        )
         if missing_seg == "error":
             problems += [f"missing mask {m}" for m in missing_masks]
     if problems:
         shown = "\n  ".join(problems[:20])
-        raise ValueError(f"{root} [{section}]: {len(problems)} problem(s):\n  {shown}" + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+        raise ValueError(
+            f"{root} [{section}]: {len(problems)} problem(s):\n  {shown}"
+            + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        )
     if tokenizer is not None:
-        logger.info(f"{root} [{section}]: {shortened} of {len(items)} reports exceed {max_length} tokens; "
-                    "their findings were shortened to keep the impression whole")
+        logger.info(
+            f"{root} [{section}]: {shortened} of {len(items)} reports exceed {max_length} tokens; "
+            "their findings were shortened to keep the impression whole"
+        )
     return items

@@ -105,7 +105,9 @@ def load_datalist(
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise ValueError(f"{datalist_path} [{section}]: {len(problems)} problem(s):\n  {shown}{more}")
     if without_seg:
-        logger.warning(f"{datalist_path} [{section}]: {without_seg} of {len(resolved)} items have no mask; they train without region tokens")
+        logger.warning(
+            f"{datalist_path} [{section}]: {without_seg} of {len(resolved)} items have no mask; they train without region tokens"
+        )
     return resolved
 
 
@@ -123,7 +125,8 @@ def load_pairs(
     """The (CT, mask, report) items of ``dataset_dir``, whatever its layout.
 
     ``DIR/datalist.json`` (MONAI layout, `load_datalist`; texts longer than ``max_length`` tokens are
-    counted in a warning) wins; otherwise a CT-RATE download is read directly (`scripts.data.ctrate.build_ctrate_datalist`: reports fitted to the tokenizer of
+    counted in a warning) wins; otherwise a CT-RATE download is read directly
+    (`scripts.data.ctrate.build_ctrate_datalist`: reports fitted to the tokenizer of
     ``text_model_name`` within ``max_length`` tokens, masks from ``seg_dir`` by ``seg_pattern``). Each
     item gets ``case_index``, its position in the list (the evaluation's key for de-duplicating cases
     across DDP ranks).
@@ -142,8 +145,10 @@ def load_pairs(
         if tokenizer is not None:
             long = sum(len(ids) > max_length for ids in tokenizer([it["text"] for it in items])["input_ids"])
             if long:
-                logger.warning(f"{dataset_dir / 'datalist.json'} [{section}]: {long} of {len(items)} texts exceed "
-                               f"{max_length} tokens and lose their end; put the impression first or shorten them")
+                logger.warning(
+                    f"{dataset_dir / 'datalist.json'} [{section}]: {long} of {len(items)} texts exceed "
+                    f"{max_length} tokens and lose their end; put the impression first or shorten them"
+                )
     elif dataset_dir.is_dir() and is_ctrate_layout(dataset_dir):
         items = build_ctrate_datalist(
             dataset_dir, section, seg_dir, seg_pattern, missing_seg, volume_version, tokenizer, max_length, cot_file

@@ -26,7 +26,10 @@ def collate_reports(batch: Sequence[dict]) -> dict:
     variable-length fields of `LIST_KEYS` as plain lists (``batch["cot_steps"][i]`` is item ``i``'s).
     Tensors are collated without metadata (items read from the cache and computed afresh then agree)."""
     lists = {k: [item[k] for item in batch] for k in LIST_KEYS if k in batch[0]}
-    plain = [{k: v.as_tensor() if isinstance(v, MetaTensor) else v for k, v in item.items() if k not in lists} for item in batch]
+    plain = [
+        {k: v.as_tensor() if isinstance(v, MetaTensor) else v for k, v in item.items() if k not in lists}
+        for item in batch
+    ]
     collated = list_data_collate(plain)
     collated.update(lists)
     return collated
@@ -156,8 +159,10 @@ class CTReportDataset(PersistentDataset):
         except Exception as err:
             if not (cached and hashfile.is_file()):
                 raise  # the case itself failed, not reading its cache file
-            logger.warning(f"{hashfile}: cache file unreadable ({type(err).__name__}: {err}); deleted, recomputing "
-                           + ", ".join(str(item_transformed.get(k)) for k in FILE_KEYS if k in item_transformed))
+            logger.warning(
+                f"{hashfile}: cache file unreadable ({type(err).__name__}: {err}); deleted, recomputing "
+                + ", ".join(str(item_transformed.get(k)) for k in FILE_KEYS if k in item_transformed)
+            )
             hashfile.unlink(missing_ok=True)
             return super()._cachecheck(item_transformed)
 
@@ -170,20 +175,22 @@ class CTReportDataset(PersistentDataset):
                 return super()._transform(i)
             except Exception as err:
                 bad = _bad_case(err)
-                if not self.skip_bad_cases:
-                    if bad is None:
-                        raise
-                    raise bad from err  # the check's own message, not MONAI's wrapper
+                if not self.skip_bad_cases:  # the check's own message, or the file that failed, not MONAI's wrapper
+                    raise (bad or BadCaseError(_describe_failure(self.data[i], err))) from err
                 self.bad_cases[i] = str(bad) if bad is not None else _describe_failure(self.data[i], err)
                 first_time = not self._refused[i]
                 self._refused[i] = True
                 refused = self.refused_count
                 if first_time:
-                    logger.warning(f"skipping case {i} ({refused} of {len(self.data)} refused so far): {self.bad_cases[i]}")
+                    logger.warning(
+                        f"skipping case {i} ({refused} of {len(self.data)} refused so far): {self.bad_cases[i]}"
+                    )
                 if refused > max(1, self.max_bad_fraction * len(self.data)):
                     shown = "\n  ".join(list(self.bad_cases.values())[:10])
                     raise RuntimeError(
                         f"{refused} of {len(self.data)} cases refused, more than max_bad_fraction="
                         f"{self.max_bad_fraction}; seen by this process:\n  {shown}"
                     ) from err
-        raise RuntimeError(f"all {len(self.data)} cases were refused; first: {next(iter(self.bad_cases.values()), '?')}")
+        raise RuntimeError(
+            f"all {len(self.data)} cases were refused; first: {next(iter(self.bad_cases.values()), '?')}"
+        )

@@ -69,7 +69,11 @@ class RegionLexicon:
             words = r"\s+".join(re.escape(w) for w in text.split())
             terms.append(
                 _Term(
-                    re.compile(rf"\b{words}\b"), regions, tuple(side_of[self.region_names[r]] for r in regions), fixed_side, broad
+                    re.compile(rf"\b{words}\b"),
+                    regions,
+                    tuple(side_of[self.region_names[r]] for r in regions),
+                    fixed_side,
+                    broad,
                 )
             )
         self._terms = sorted(terms, key=lambda t: -len(t.pattern.pattern))  # longest first

@@ -57,7 +57,7 @@ def load_omniabnorm(index_json: str | Path, root: str | Path | None = None) -> l
     items, problems = [], []
     for sample_id, record in records.items():
         image_dir = base / record["image"]
-        offsets = sorted(set(int(o) for o in record.get("context", [])) | {0})
+        offsets = sorted({int(o) for o in record.get("context", [])} | {0})
         slices = [_slice_file(image_dir, o) for o in offsets]
         missing = [o for o, s in zip(offsets, slices) if s is None]
         if missing:
@@ -71,16 +71,18 @@ def load_omniabnorm(index_json: str | Path, root: str | Path | None = None) -> l
             elif not text:
                 problems.append(f"{sample_id}: abnormality {abnormality['id']} has neither description nor label")
             else:
-                items.append({
-                    "image": [str(s) for s in slices],
-                    "key_slice": offsets.index(0),
-                    "mask": str(mask),
-                    "text": text,
-                    "label": abnormality.get("label", ""),
-                    "case_id": str(sample_id),
-                    "abnormality_id": str(abnormality["id"]),
-                    "group_id": str(abnormality.get("group_id", abnormality["id"])),
-                })
+                items.append(
+                    {
+                        "image": [str(s) for s in slices],
+                        "key_slice": offsets.index(0),
+                        "mask": str(mask),
+                        "text": text,
+                        "label": abnormality.get("label", ""),
+                        "case_id": str(sample_id),
+                        "abnormality_id": str(abnormality["id"]),
+                        "group_id": str(abnormality.get("group_id", abnormality["id"])),
+                    }
+                )
     if problems:
         shown = "\n  ".join(problems[:20])
         raise ValueError(f"{index_json}: {len(problems)} problem(s):\n  {shown}")

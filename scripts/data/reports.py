@@ -95,6 +95,7 @@ def fit_report(findings: str | None, impressions: str | None, tokenizer, max_len
     Returns:
         ``(text, shortened)``: the text and whether anything was dropped or will be truncated.
     """
+
     def n_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=True)["input_ids"])
 

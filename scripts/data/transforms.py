@@ -90,7 +90,6 @@ class ToSliceFirstd(Transposed):
         super().__init__(keys, indices=(0, 3, 2, 1), allow_missing_keys=allow_missing_keys)
 
 
-
 class WindowPackedCT:
     """HU window of the CT channel of a packed network input, run where the tensor lies (the GPU in training).
 
@@ -115,7 +114,9 @@ class WindowPackedCT:
         lower, upper = (float(v) for v in hu_window)
         if not lower < upper:
             raise ValueError(f"hu_window must be (lower, upper) in HU with lower < upper, got {list(hu_window)}")
-        self.scale = ScaleIntensityRange(a_min=lower, a_max=upper, b_min=-1.0, b_max=1.0, clip=True, dtype=torch.float32)
+        self.scale = ScaleIntensityRange(
+            a_min=lower, a_max=upper, b_min=-1.0, b_max=1.0, clip=True, dtype=torch.float32
+        )
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         if image.ndim not in (4, 5) or image.shape[-4] != 2:
@@ -147,7 +148,9 @@ class FillMissingLabelMapd(MapTransform):
         d = dict(data)
         if d.get(self.label_key) is None:
             image = d[self.image_key]
-            d[self.label_key] = MetaTensor(torch.zeros_like(image.as_tensor(), dtype=torch.uint8), meta=dict(image.meta))
+            d[self.label_key] = MetaTensor(
+                torch.zeros_like(image.as_tensor(), dtype=torch.uint8), meta=dict(image.meta)
+            )
         return d
 
 
@@ -177,10 +180,15 @@ class CompareSpacingd(MapTransform):
         for key in self.keys:
             header = np.asarray(d[key].pixdim, dtype=np.float64)[:3]
             name = _source_name(d[key])
-            if not np.allclose(header, np.asarray(table, dtype=np.float64), rtol=self.rtol) and name not in self._reported:
+            if (
+                not np.allclose(header, np.asarray(table, dtype=np.float64), rtol=self.rtol)
+                and name not in self._reported
+            ):
                 self._reported.add(name)
-                logger.warning(f"{name}: header spacing {header.round(4).tolist()} mm differs from the metadata "
-                               f"table {list(table)} mm; using the header")
+                logger.warning(
+                    f"{name}: header spacing {header.round(4).tolist()} mm differs from the metadata "
+                    f"table {list(table)} mm; using the header"
+                )
         return d
 
 
@@ -206,7 +214,9 @@ class RescaleToHUd(MapTransform):
         ValueError: ``check_air`` is not a bool.
     """
 
-    def __init__(self, keys: KeysCollection, air_hu: Sequence[float] = (-1100.0, -900.0), check_air: bool = True) -> None:
+    def __init__(
+        self, keys: KeysCollection, air_hu: Sequence[float] = (-1100.0, -900.0), check_air: bool = True
+    ) -> None:
         super().__init__(keys)
         self.air_hu = (float(air_hu[0]), float(air_hu[1]))
         self.check_air = require_bool(check_air, "hu_air_check")
@@ -256,8 +266,10 @@ class CheckLabelIdsd(MapTransform):
             low, high = float(labels.min()), float(labels.max())
             if low < 0 or high > self.max_id or not torch.equal(labels, labels.round()):
                 found = torch.unique(labels)[:10].tolist()
-                raise BadCaseError(f"{_source_name(data[key])}: label values in [{low:g}, {high:g}] (first: {found}) are not "
-                                   f"TotalSegmentator v2 ids 0..{self.max_id}")
+                raise BadCaseError(
+                    f"{_source_name(data[key])}: label values in [{low:g}, {high:g}] (first: {found}) are not "
+                    f"TotalSegmentator v2 ids 0..{self.max_id}"
+                )
         return dict(data)
 
 
@@ -277,7 +289,9 @@ class CheckMinSlicesd(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         for key in self.keys:
             if data[key].shape[-1] < self.min_slices:
-                raise BadCaseError(f"{_source_name(data[key])}: {data[key].shape[-1]} slices, fewer than {self.min_slices}")
+                raise BadCaseError(
+                    f"{_source_name(data[key])}: {data[key].shape[-1]} slices, fewer than {self.min_slices}"
+                )
         return dict(data)
 
 

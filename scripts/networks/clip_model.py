@@ -62,7 +62,9 @@ class CTReportCLIP(nn.Module):
     ) -> dict:
         out = {"image_features": self.image_encoder.forward_features(image), "logit_scale": self.logit_scale()}
         if text_tokens:
-            out["text_embedding"], out["token_embedding"], out["token_mask"] = self.text_encoder.forward_with_tokens(texts)
+            out["text_embedding"], out["token_embedding"], out["token_mask"] = self.text_encoder.forward_with_tokens(
+                texts
+            )
         else:
             out["text_embedding"] = self.text_encoder(texts)
         if extra_texts:

@@ -30,7 +30,9 @@ class SegmentationAuxHead(nn.Module):
 
     def forward(self, local_features: torch.Tensor) -> torch.Tensor:
         if local_features.ndim != 3 or local_features.shape[-1] != self.linear.in_features:
-            raise ValueError(f"expected local_features (B, N, {self.linear.in_features}), got {tuple(local_features.shape)}")
+            raise ValueError(
+                f"expected local_features (B, N, {self.linear.in_features}), got {tuple(local_features.shape)}"
+            )
         return self.linear(local_features)
 
 
@@ -61,7 +63,9 @@ class FindingHead(nn.Module):
 
     def forward(self, global_features: torch.Tensor) -> torch.Tensor:
         if global_features.ndim != 2 or global_features.shape[-1] != self.linear.in_features:
-            raise ValueError(f"expected global_features (B, {self.linear.in_features}), got {tuple(global_features.shape)}")
+            raise ValueError(
+                f"expected global_features (B, {self.linear.in_features}), got {tuple(global_features.shape)}"
+            )
         if self.detach_features:
             global_features = global_features.detach()
         return self.linear(global_features)

@@ -35,7 +35,8 @@ class HFTextEncoder(nn.Module):
         embeddings ``(B, L, E)`` and the attention mask ``(B, L)``.
 
     Raises:
-        ValueError: unknown ``pooling``, a flag that is not a bool, a local path that does not exist. OSError (from `transformers`): the model cannot be found.
+        ValueError: unknown ``pooling``, a flag that is not a bool, a local path that does not exist.
+        OSError: (from `transformers`) the model cannot be found.
     """
 
     def __init__(

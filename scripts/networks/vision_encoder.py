@@ -92,14 +92,18 @@ class AnatomyAwareCTEncoder(nn.Module):
         super().__init__()
         unknown = set(projection_heads) - set(PROJECTION_HEADS)
         if unknown or "global" not in projection_heads:
-            raise ValueError(f"projection_heads must include 'global' and come from {PROJECTION_HEADS}, got {projection_heads}")
+            raise ValueError(
+                f"projection_heads must include 'global' and come from {PROJECTION_HEADS}, got {projection_heads}"
+            )
         flags = {"gradient_checkpointing": gradient_checkpointing, "segmentation_head": segmentation_head,
                  "finding_head": finding_head, "finding_probe": finding_probe}  # fmt: skip
         for key, value in flags.items():
             if not isinstance(value, bool):
                 raise ValueError(f"{key} must be True or False, got {value!r}")
         if any(int(s) % int(p) for s, p in zip(input_size, patch_size)):
-            raise ValueError(f"input_size {tuple(input_size)} (D, H, W) is not a multiple of patch_size {tuple(patch_size)}")
+            raise ValueError(
+                f"input_size {tuple(input_size)} (D, H, W) is not a multiple of patch_size {tuple(patch_size)}"
+            )
         grid_size = [int(s) // int(p) for s, p in zip(input_size, patch_size)]
         self.patch_embed = PatchEmbedding3D(1, embed_dim, patch_size, grid_size, pos_embed_type)
         self.anatomy = AnatomyEncoder(region_class_ids, embed_dim, patch_size)
@@ -107,7 +111,9 @@ class AnatomyAwareCTEncoder(nn.Module):
             TransformerBlock(embed_dim, num_heads, mlp_ratio, block_type, attention_impl) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim)
-        self.heads = nn.ModuleDict({name: nn.Linear(embed_dim, projection_dim, bias=False) for name in projection_heads})
+        self.heads = nn.ModuleDict(
+            {name: nn.Linear(embed_dim, projection_dim, bias=False) for name in projection_heads}
+        )
         self.segmentation_head = SegmentationAuxHead(embed_dim, self.anatomy.num_regions) if segmentation_head else None
         self.finding_head = FindingHead(embed_dim, num_findings, finding_probe) if finding_head else None
         self.gradient_checkpointing = gradient_checkpointing

@@ -41,7 +41,7 @@ SPLIT = {"abdomen": "training", "chest_cta": "training", "upper_abdomen_dicom": 
 
 
 def load_sources(source: Path, decimate: bool = True) -> dict[str, tuple[nib.Nifti1Image, nib.Nifti1Image]]:
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # noqa: N813 (the library's own short name)
 
     abdomen = (
         nib.load(source / "abdomen_ct/example_ct.nii.gz"),
@@ -77,7 +77,9 @@ def world_box_slices(img: nib.Nifti1Image, lo: np.ndarray, hi: np.ndarray) -> tu
 
 
 def world_extent(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
-    corners = np.array([[i, j, k, 1.0] for i in (0, img.shape[0] - 1) for j in (0, img.shape[1] - 1) for k in (0, img.shape[2] - 1)])
+    corners = np.array(
+        [[i, j, k, 1.0] for i in (0, img.shape[0] - 1) for j in (0, img.shape[1] - 1) for k in (0, img.shape[2] - 1)]
+    )
     xyz = (img.affine @ corners.T)[:3]
     return xyz.min(1), xyz.max(1)
 
@@ -118,7 +120,9 @@ def write_full_volumes(sources: dict, out: Path) -> None:
     for name, (ct, seg) in sources.items():
         save(np.asanyarray(ct.dataobj), ct.affine, out / f"ct/{name}.nii.gz", np.int16, limit=False)
         save(np.asanyarray(seg.dataobj), seg.affine, out / f"seg/{name}.nii.gz", np.uint8, limit=False)
-        items.append({"image": f"ct/{name}.nii.gz", "seg": f"seg/{name}.nii.gz", "text": f"Whole {name} CT.", "study": name})
+        items.append(
+            {"image": f"ct/{name}.nii.gz", "seg": f"seg/{name}.nii.gz", "text": f"Whole {name} CT.", "study": name}
+        )
     (out / "datalist.json").write_text(json.dumps({"training": items, "validation": items}, indent=4) + "\n")
 
 
@@ -127,9 +131,13 @@ def main() -> None:
     parser.add_argument("--source", type=Path, default=ROOT.parent / "shared/data/totalsegmentator")
     parser.add_argument("--out", type=Path, default=ROOT / "tests/data/sample")
     parser.add_argument("--seed", type=int, default=20261129)
-    parser.add_argument("--full-volumes", type=Path, default=None,
-                        help="instead of crops, write the three whole source CTs and masks with a datalist here "
-                        "(benchmark input; not committed, over 1 MB)")
+    parser.add_argument(
+        "--full-volumes",
+        type=Path,
+        default=None,
+        help="instead of crops, write the three whole source CTs and masks with a datalist here "
+        "(benchmark input; not committed, over 1 MB)",
+    )
     args = parser.parse_args()
     if args.full_volumes is not None:
         write_full_volumes(load_sources(args.source, decimate=False), args.full_volumes)
