@@ -166,8 +166,9 @@ class PromptEmbeddingWriter:
     """Training handler on the validator: remake the prompt embeddings whenever ``model.pt`` was replaced.
 
     Attach it to the validator after the key-metric `CheckpointSaver` that writes ``model.pt``: at the end
-    of each validation, if ``model.pt`` is new or changed (size or time stamp) since this handler last
-    looked, the text tower in memory is the one of that best epoch and the file is rewritten for it.
+    of each validation, if ``model.pt`` was written since the handler was attached (its size or time
+    stamp changed), the text tower in memory is the one of that best epoch and the file is rewritten for
+    it. A ``model.pt`` left from before (a resume keeps the best of the first run) is not touched.
 
     Args:
         clip_model: the `CTReportCLIP` being trained (not DDP-wrapped).
@@ -183,15 +184,19 @@ class PromptEmbeddingWriter:
         self.model_file = Path(ckpt_dir) / MODEL_FILE
         self._seen = None
 
+    def _stamp(self) -> tuple[int, int] | None:
+        if not self.model_file.is_file():
+            return None
+        stat = self.model_file.stat()
+        return stat.st_size, stat.st_mtime_ns
+
     def attach(self, engine: Engine) -> None:
+        self._seen = self._stamp()
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if not self.model_file.is_file():
-            return
-        stat = self.model_file.stat()
-        stamp = (stat.st_size, stat.st_mtime_ns)
-        if stamp != self._seen:
+        stamp = self._stamp()
+        if stamp is not None and stamp != self._seen:
             save_prompt_embeddings(self.clip_model, self.templates, self.prompt_file, self.model_file)
             self._seen = stamp
 

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+from conftest import bundle_parser
 from monai.bundle import ConfigWorkflow
 from safetensors import safe_open
+from scripts.data import FINDINGS
+
+DATA = Path(__file__).resolve().parent / "data"
+DICOM_SERIES = DATA / "dicom/upper_abdomen_series"
+DICOM_MASK = DATA / "dicom/upper_abdomen_series_seg.nii.gz"
 
 
 def _inference_workflow(bundle_root, tmp_path, **override) -> ConfigWorkflow:
@@ -51,3 +61,196 @@ def test_inference_config_has_every_required_property_and_embeds_the_sample(bund
     assert record["seg_source"] == "given" and record["regions_present"]
     assert json.loads((out / "upper_abdomen_dicom_00/case.json").read_text())["seg_source"] == "none"
     assert net.heads["global"].out_features == 128
+
+
+def _train_window_input(parser_train, item: dict) -> torch.Tensor:
+    """The float32 network input training validation gives for ``item``: packed int16, then `input_window`."""
+    packed = parser_train.get_parsed_content("validate#preprocessing")(dict(item))["image"]
+    return parser_train.get_parsed_content("input_window")(
+        packed.as_tensor() if hasattr(packed, "as_tensor") else packed
+    )
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_preprocessing_gives_the_network_input_of_training_validation_and_evaluation(
+    bundle_root, sample_dir, tmp_path, with_mask
+):
+    """NIfTI in RAS and LPS (mask in LAS) and a DICOM series: the stock-MONAI `preprocessing` of inference.json,
+    the workflow's chain with the bundle's checks around it, training validation and evaluation all give
+    one tensor; with only ``image`` the label channel is all zeros."""
+    train = bundle_parser("train.json", "demo.json")
+    evaluate = bundle_parser("train.json", "demo.json", "evaluate.json")
+    infer = bundle_parser("inference.json", "demo.json")
+    infer["output_dir"] = str(tmp_path / "out")
+    cases = [
+        {"image": str(sample_dir / "ct/abdomen_00.nii.gz"), "seg": str(sample_dir / "seg/abdomen_00.nii.gz")},
+        {"image": str(sample_dir / "ct/chest_cta_00.nii.gz"), "seg": str(sample_dir / "seg/chest_cta_00.nii.gz")},
+        {"image": str(DICOM_SERIES), "seg": str(DICOM_MASK)},
+    ]
+    for item in cases:
+        if not with_mask:
+            item.pop("seg")
+        expected = _train_window_input(train, item)
+        from_evaluation = evaluate.get_parsed_content("evaluate#preprocessing")(dict(item))["image"]
+        assert torch.equal(evaluate.get_parsed_content("input_window")(torch.as_tensor(from_evaluation)), expected)
+        stock = infer.get_parsed_content("preprocessing")(dict(item))
+        assert set(stock) == {"image"}  # no leftover keys: MONAI Deploy passes every tensor to the network
+        assert stock["image"].dtype == torch.float32 and torch.equal(stock["image"].as_tensor(), expected), item
+        case = dict(item, case_id="c", input_image=item["image"], input_kind="x")
+        workflow_input = infer.get_parsed_content("case_transform")(case)["image"]
+        assert torch.equal(workflow_input.as_tensor(), expected)
+        if not with_mask:
+            assert not expected[1].any()
+        else:
+            assert expected[1].max() > 0
+        assert expected[0].min() >= -1 and expected[0].max() <= 1 and expected[0].std() > 0.1
+
+
+def _series_copy(folder: Path, names=None) -> list[Path]:
+    """Copy the real series into ``folder`` (optionally under other file names); returns the new paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = sorted(DICOM_SERIES.iterdir())
+    names = names or [p.name for p in sources]
+    paths = []
+    for source, name in zip(sources, names):
+        (folder / name).write_bytes(source.read_bytes())
+        paths.append(folder / name)
+    return paths
+
+
+def _edit(path: Path, target: Path | None = None, **tags) -> None:
+    """Rewrite DICOM header elements of ``path`` (pixel data untouched) into ``target`` (default: in place)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for name, value in tags.items():
+        setattr(ds, name, value)
+    ds.save_as(target or path)
+
+
+def test_dicom_series_is_read_whatever_the_file_names_and_order(tmp_path):
+    from monai.transforms import LoadImage
+    from scripts.inference import check_dicom_series
+
+    renamed = tmp_path / "renamed"
+    shuffled = ["x9", "a1", "m3.dcm", "IMG0004", "b", "z_last", "0007", "c.DCM", "q", "k2", "e", "f"]
+    _series_copy(renamed, shuffled)
+    original, copied = (LoadImage(image_only=True)(str(p)) for p in (DICOM_SERIES, renamed))
+    assert torch.equal(original, copied) and torch.equal(original.affine, copied.affine)
+    info = check_dicom_series(renamed)
+    assert info["n_images"] == 12 and info["slice_spacing_mm"] == 2.0 and info["convolution_kernel"] == "Br38f/3"
+    assert "PatientName" not in json.dumps(info) and "DEMO0001" not in json.dumps(info)
+
+
+def test_dicom_folders_with_several_series_gaps_or_tilt_are_refused_by_name(tmp_path):
+    import pydicom
+    from pydicom.uid import generate_uid
+    from scripts.data import BadCaseError
+    from scripts.inference import check_dicom_series
+
+    uid = pydicom.dcmread(next(DICOM_SERIES.iterdir()), stop_before_pixels=True).SeriesInstanceUID
+    # a second reconstruction kernel of the same scan filed in the same folder
+    kernels = tmp_path / "two_kernels"
+    paths = _series_copy(kernels)
+    lung_uid = generate_uid()
+    for path in paths[:4]:
+        _edit(path, kernels / f"lung_{path.name}", SeriesInstanceUID=lung_uid, ConvolutionKernel=["Bl64f", "3"])
+    with pytest.raises(BadCaseError, match=rf"2 DICOM series in one folder: .*{uid}.*12 images.*{lung_uid}.*Bl64f"):
+        check_dicom_series(kernels)
+    # a scout (topogram) as its own series, and the same image filed inside the axial series
+    scout = tmp_path / "with_scout"
+    paths = _series_copy(scout)
+    _edit(paths[0], scout / "topogram.dcm", SeriesInstanceUID=generate_uid(), ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+          ImageOrientationPatient=[1, 0, 0, 0, 0, -1])  # fmt: skip
+    with pytest.raises(BadCaseError, match=r"2 DICOM series .*LOCALIZER"):
+        check_dicom_series(scout)
+    (scout / "topogram.dcm").unlink()
+    _edit(paths[0], scout / "topogram.dcm", ImageOrientationPatient=[1, 0, 0, 0, 0, -1])
+    with pytest.raises(BadCaseError, match=r"mixes 2 image geometries .* localizer"):
+        check_dicom_series(scout)
+    # a missing slice: one gap of 4 mm among 2 mm gaps
+    missing = tmp_path / "missing"
+    _series_copy(missing)[5].unlink()
+    with pytest.raises(
+        BadCaseError, match=r"missing: uneven slice spacing: gaps from 2.000 to 4.000 mm .*missing slice"
+    ):
+        check_dicom_series(missing)
+    # uneven spacing: one slice 0.7 mm off its place
+    uneven = tmp_path / "uneven"
+    paths = _series_copy(uneven)
+    position = pydicom.dcmread(paths[6], stop_before_pixels=True).ImagePositionPatient
+    _edit(paths[6], ImagePositionPatient=[position[0], position[1], float(position[2]) + 0.7])
+    with pytest.raises(BadCaseError, match=r"uneven slice spacing: gaps from 1.300 to 2.700 mm"):
+        check_dicom_series(uneven)
+    # two images at one position (a duplicate of a slice)
+    duplicate = tmp_path / "duplicate"
+    paths = _series_copy(duplicate)
+    _edit(paths[3], duplicate / "copy_of_slice.dcm")
+    with pytest.raises(BadCaseError, match=r"1 pairs of images share a slice position"):
+        check_dicom_series(duplicate)
+    # gantry tilt of 20 degrees: each slice shifted in y by its z offset times tan(20 deg)
+    tilted = tmp_path / "tilted"
+    for path in _series_copy(tilted):
+        x, y, z = (float(v) for v in pydicom.dcmread(path, stop_before_pixels=True).ImagePositionPatient)
+        _edit(path, ImagePositionPatient=[x, y + (z + 774.5) * math.tan(math.radians(20)), z], GantryDetectorTilt=20)
+    with pytest.raises(BadCaseError, match=r"tilted: gantry tilt: slices step 20.0 degrees off the slice normal"):
+        check_dicom_series(tilted)
+    # a folder with a single image
+    single = tmp_path / "single"
+    _series_copy(single, ["only.dcm"])
+    with pytest.raises(BadCaseError, match=r"1 image: not a volume"):
+        check_dicom_series(single)
+
+
+def test_inference_run_writes_good_cases_on_their_own_grid_and_lists_refused_ones(bundle_root, sample_dir, tmp_path):
+    """A folder as a user has it: a DICOM series with its mask, a NIfTI with its mask, a folder of two series,
+    a broken file and two files sharing a case id. Good cases are written, maps on the input's own grid; the
+    others are listed in refused.json with their reason, and the run goes on."""
+    import nibabel as nib
+    from monai.transforms import LoadImage
+    from pydicom.uid import generate_uid
+
+    cases = tmp_path / "cases"
+    _series_copy(cases / "upper_abdomen_series")
+    (cases / "seg").mkdir()
+    (cases / "seg/upper_abdomen_series.nii.gz").write_bytes(DICOM_MASK.read_bytes())
+    for name in ("abdomen_00", "chest_cta_00"):
+        (cases / f"{name}.nii.gz").write_bytes((sample_dir / f"ct/{name}.nii.gz").read_bytes())
+        (cases / f"seg/{name}.nii.gz").write_bytes((sample_dir / f"seg/{name}.nii.gz").read_bytes())
+    (cases / "elsewhere").mkdir()
+    (cases / "elsewhere/chest_cta_00.nii.gz").write_bytes((sample_dir / "ct/chest_cta_01.nii.gz").read_bytes())
+    (cases / "broken.nii.gz").write_bytes(b"not a nifti file")
+    second = _series_copy(cases / "two_series")
+    _edit(second[0], cases / "two_series/other.dcm", SeriesInstanceUID=generate_uid())
+    workflow = _inference_workflow(bundle_root, tmp_path, dataset_dir=str(cases))
+    workflow.initialize()
+    _random_weights(workflow, tmp_path)
+    workflow.run()
+    workflow.finalize()
+    out = tmp_path / "out"
+    refused = {r["case_id"] + ":" + r["image"]: r["reason"] for r in json.loads((out / "refused.json").read_text())}
+    assert set(refused) == {"broken:broken.nii.gz", "chest_cta_00:chest_cta_00.nii.gz",
+                            "chest_cta_00:elsewhere/chest_cta_00.nii.gz", "two_series:two_series"}  # fmt: skip
+    assert "broken.nii.gz" in refused["broken:broken.nii.gz"]
+    assert "shared with" in refused["chest_cta_00:chest_cta_00.nii.gz"]
+    assert "2 DICOM series in one folder" in refused["two_series:two_series"]
+    for case_id, source in (
+        ("upper_abdomen_series", DICOM_SERIES),
+        ("abdomen_00", sample_dir / "ct/abdomen_00.nii.gz"),
+    ):
+        ct = LoadImage(image_only=True)(str(source))
+        heat = nib.load(out / case_id / "maps/cls_attention.nii.gz")
+        assert heat.shape == tuple(ct.shape) and np.allclose(heat.affine, ct.affine.numpy(), atol=1e-4), case_id
+        assert np.asarray(heat.dataobj).max() > 0
+        assert set(json.loads((out / case_id / "scores.json").read_text())["findings"]) == set(FINDINGS)
+    record = json.loads((out / "upper_abdomen_series/case.json").read_text())
+    assert record["input"] == {
+        "kind": "dicom", "image": "upper_abdomen_series", "seg": "seg/upper_abdomen_series.nii.gz",
+        "dicom_series": record["input"]["dicom_series"],
+    }  # fmt: skip
+    assert record["input_grid"]["orientation"] == "LPS" and record["input_grid"]["shape"] == [512, 512, 12]
+    # 500 mm across at 4 mm is larger than the demo's 32 x 32 input: the centre crop is recorded
+    assert record["model_input"]["centre_crop"]["kept_voxels"] == [32, 32, 6]
+    assert "liver_gallbladder" in record["regions_present"] and "DEMO0001" not in json.dumps(record)

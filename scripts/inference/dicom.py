@@ -43,12 +43,12 @@ HEADER_TAGS = [
 ]
 
 
-def _text(value, sep: str = "/") -> str:
-    """A header value as text; multi-valued elements (kernel, image type) joined by ``sep``."""
+def _text(value) -> str:
+    """A header value as text; the values of a multi-valued element (kernel, image type) joined by ``/``."""
     if value is None or isinstance(value, str):
         return value or ""
     try:
-        return sep.join(str(v) for v in value)
+        return "/".join(str(v) for v in value)
     except TypeError:
         return str(value)
 
@@ -56,8 +56,8 @@ def _text(value, sep: str = "/") -> str:
 def _describe_series(uid: str, headers: list) -> str:
     first = headers[0]
     return (
-        f"{uid} ({len(headers)} images, description {_text(first.get('SeriesDescription'))!r}, "
-        f"kernel {_text(first.get('ConvolutionKernel'))!r}, image type {_text(first.get('ImageType'), chr(92))!r})"
+        f"{uid} ({len(headers)} image{'s' if len(headers) > 1 else ''}, description {_text(first.get('SeriesDescription'))!r}, "
+        f"kernel {_text(first.get('ConvolutionKernel'))!r}, image type {_text(first.get('ImageType'))!r})"
     )
 
 
