@@ -71,7 +71,7 @@ def _scan(dataset_dir: Path, seg_dir: Path | None) -> list[dict]:
     if not dataset_dir.is_dir():
         raise FileNotFoundError(f"dataset_dir {dataset_dir} does not exist")
     items, skipped = [], 0
-    for root, dirs, files in os.walk(dataset_dir):
+    for root, dirs, files in os.walk(dataset_dir, followlinks=True):
         root_path = Path(root)
         dirs[:] = sorted(d for d in dirs if not _within(root_path / d, seg_dir))
         if _within(root_path, seg_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from monai.data import Dataset
@@ -18,6 +19,20 @@ from ..engines import _autocast_dtype
 from ..evaluation import cls_attention_row
 
 CASE_KEYS = ("case_id", "input_image", "input_mask", "input_kind")
+
+
+def require_weights(model_file: str) -> str:
+    """Check that the weights inference is about to load exist, before any case is read.
+
+    Raises:
+        FileNotFoundError: the file is missing; the message says how to get one.
+    """
+    if not Path(model_file).is_file():
+        raise FileNotFoundError(
+            f"{model_file} not found: train a model first (README: demo or training on your data), or point "
+            "--ckpt_dir at the folder that holds model.pt"
+        )
+    return model_file
 
 
 def refusal_reason(err: BaseException) -> str:

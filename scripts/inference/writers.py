@@ -152,9 +152,14 @@ class CaseWriter:
         scores = self._scores(features["global_embedding"])
         (folder / "scores.json").write_text(json.dumps(scores, indent=4, allow_nan=False) + "\n")
         maps = self._write_maps(folder, case, features, out["cls_attention"][0].detach().cpu(), scores)
-        (folder / "case.json").write_text(json.dumps(self._case_record(case, features, maps), indent=4) + "\n")
+        record = self._case_record(case, features, maps)
+        (folder / "case.json").write_text(json.dumps(record, indent=4) + "\n")
         above = [f for f, s in scores["findings"].items() if s["above_threshold"]]
-        logger.info(f"{case['case_id']}: written to {folder} ({len(maps)} maps; above threshold: {above or 'none'})")
+        mask = "no mask: no region tokens" if record["seg_source"] == "none" else f"mask {record['seg_source']}"
+        logger.info(
+            f"{case['case_id']}: written to {folder} ({mask}; {len(record['regions_present'])} regions present; "
+            f"{len(maps)} maps; above threshold: {above or 'none'})"
+        )
 
     def _write_embeddings(self, folder: Path, case: dict, features: dict) -> None:
         tensors = {"global_embedding": features["global_embedding"]}
