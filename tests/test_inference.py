@@ -307,7 +307,9 @@ def test_seg_source_totalsegmentator_says_how_to_install_it(monkeypatch):
     from scripts.inference import check_seg_source
 
     monkeypatch.setitem(sys.modules, "totalsegmentator", None)  # as if not installed
-    with pytest.raises(RuntimeError, match=r"not installed .*pip install 'TotalSegmentator.*totalseg_download_weights -t total"):
+    with pytest.raises(
+        RuntimeError, match=r"not installed .*pip install 'TotalSegmentator.*totalseg_download_weights -t total"
+    ):
         check_seg_source("totalsegmentator")
     with pytest.raises(ValueError, match="seg_source must be one of"):
         check_seg_source("nnunet")
@@ -363,3 +365,17 @@ def test_datalist_input_with_its_own_case_ids(bundle_root, sample_dir, tmp_path)
     assert cases[0]["refusal"].endswith("list/missing.nii.gz does not exist")  # relative to the datalist
     assert cases[1]["seg"].endswith("seg/abdomen_00.nii.gz") and cases[2]["input_kind"] == "dicom"
     assert "seg" not in cases[2]
+
+
+def test_inference_network_def_matches_metadata(bundle_root):
+    """What the Model Zoo's CI checks on inference.json: network_def's input and output against metadata.json,
+    and the metadata's own channel definitions (one value range per input channel)."""
+    from monai.bundle import verify_net_in_out
+
+    verify_net_in_out(
+        net_id="network_def", meta_file=str(bundle_root / "configs/metadata.json"),
+        config_file=str(bundle_root / "configs/inference.json"), device="cpu", n=1, bundle_root=str(bundle_root),
+    )  # fmt: skip
+    image = json.loads((bundle_root / "configs/metadata.json").read_text())["network_data_format"]["inputs"]["image"]
+    ranges = [image["channel_def"][c]["value_range"] for c in ("0", "1")]
+    assert ranges == [[-1, 1], [0, 117]] and image["num_channels"] == 2

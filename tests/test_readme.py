@@ -23,7 +23,10 @@ def test_cpu_sized_training_on_your_data_runs_offline_as_written(bundle_root, sa
     from the folder names, train, record the configuration and infer."""
     data = tmp_path / "my_data"
     datalist = {}
-    for section, items in (("training", sample_datalist["training"][:4]), ("validation", sample_datalist["validation"][:2])):
+    for section, items in (
+        ("training", sample_datalist["training"][:4]),
+        ("validation", sample_datalist["validation"][:2]),
+    ):
         datalist[section] = [{k: it[k] for k in ("image", "seg", "text", "study")} for it in items]
         for it in items:
             for key in ("image", "seg"):
@@ -39,7 +42,9 @@ def test_cpu_sized_training_on_your_data_runs_offline_as_written(bundle_root, sa
         done = subprocess.run(argv, cwd=bundle_root, capture_output=True, text=True)
         assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     models = tmp_path / "models/cpu_run"
-    assert {"model.pt", "model_clip.pt", "train_config.json", "prompt_embeddings.safetensors"} <= {p.name for p in models.iterdir()}
+    assert {"model.pt", "model_clip.pt", "train_config.json", "prompt_embeddings.safetensors"} <= {
+        p.name for p in models.iterdir()
+    }
     assert json.loads((models / "train_config.json").read_text())["settings"]["batch_size"] == 2
     out = tmp_path / "eval/cpu_run"
     assert json.loads((out / "refused.json").read_text()) == []

@@ -105,7 +105,9 @@ def main() -> None:
             rows = []
             for r in range(args.repeats):
                 rows += time_workflow(args.configs, folder, tmp / f"{name[:5]}_{r}")
-            stages = ", ".join(f"{k} {_median(rows, k):.3f}" for k in ("read+preprocess", "network", "outputs", "total"))
+            stages = ", ".join(
+                f"{k} {_median(rows, k):.3f}" for k in ("read+preprocess", "network", "outputs", "total")
+            )
             print(f"{name}: {len(rows) // args.repeats} cases x {args.repeats} runs; median s per case: {stages}")
         seed = ConfigParser()
         seed.read_config(str(BUNDLE_ROOT / "configs/inference.json"))
@@ -118,7 +120,9 @@ def main() -> None:
             t = time.perf_counter()
             out = chain(dict(case))
             times.append(time.perf_counter() - t)
-        print(f"seed preprocessing of the DICOM series to {tuple(out['image'].shape)}: median {statistics.median(times):.3f} s")
+        print(
+            f"seed preprocessing of the DICOM series to {tuple(out['image'].shape)}: median {statistics.median(times):.3f} s"
+        )
 
 
 if __name__ == "__main__":
