@@ -239,3 +239,35 @@ def test_a_checkpoint_is_refused_with_a_configuration_that_lacks_its_heads(bundl
                                 inference.get_parsed_content("objective_config"))  # fmt: skip
     inference_ablation = bundle_parser("inference.json", "demo.json", "ablation.json")
     check_checkpoint_config(tmp_path, inference_ablation.get_parsed_content("weights_config"), "inference")
+
+
+def test_prompt_embedding_writer_follows_model_pt_written_by_this_run_only(tmp_path):
+    """A resume keeps the first run's model.pt: the handler must not rewrite its prompt embeddings from a text
+    tower of another epoch; once this run saves model.pt, the file follows it."""
+    import os
+
+    from scripts.zero_shot import PromptEmbeddingWriter, sha256_file
+
+    class StubCLIP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.text_encoder = lambda texts: torch.nn.functional.normalize(torch.ones(len(texts), 4), dim=-1)
+
+        def logit_scale(self):
+            return torch.tensor(10.0)
+
+    prompt_file = tmp_path / "prompts.json"
+    prompt_file.write_text('{"templates": [["{finding} is present.", "{finding} is not present."]]}')
+    model = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(1)}, model)
+    templates = [("{finding} is present.", "{finding} is not present.")]
+    writer = PromptEmbeddingWriter(StubCLIP(), templates, str(prompt_file), str(tmp_path))
+    writer._seen = writer._stamp()  # what attach() records
+    writer(None)
+    assert not (tmp_path / "prompt_embeddings.safetensors").exists()  # model.pt from before this run: untouched
+    torch.save({"w": torch.ones(1)}, model)
+    os.utime(model, ns=(1, 10**18))
+    writer(None)
+    meta, tensors = _read_safetensors(tmp_path / "prompt_embeddings.safetensors")
+    assert meta["model_sha256"] == sha256_file(model) and tensors["prompt_embedding"].shape == (18, 2, 1, 4)
+    assert float(tensors["logit_scale"]) == 10.0
