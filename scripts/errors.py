@@ -15,7 +15,8 @@ from pathlib import Path
 BUNDLE_CODE = Path(__file__).resolve().parent
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from (``__cause__``, else an unsuppressed ``__context__``)."""
     seen, chain = set(), []
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -35,7 +36,7 @@ def _raised_in_bundle(exc: BaseException) -> bool:
 
 def cause_line(exc: BaseException) -> str:
     """``"ERROR (cause): <type>: <first line of the message>"`` of the exception that explains ``exc``."""
-    chain = _chain(exc)
+    chain = exception_chain(exc)
     cause = next((e for e in chain if _raised_in_bundle(e)), chain[-1])
     message = str(cause).strip()
     first = message.splitlines()[0] if message else ""

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from ..data import BadCaseError
 from ..engines import _autocast_dtype
+from ..errors import exception_chain
 from ..evaluation import cls_attention_row
 
 CASE_KEYS = ("case_id", "input_image", "input_mask", "input_kind")
@@ -37,11 +38,7 @@ def require_weights(model_file: str) -> str:
 
 def refusal_reason(err: BaseException) -> str:
     """Why a case failed: the bundle's `BadCaseError` message in the exception chain, else the root cause."""
-    seen, chain = set(), []
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        chain.append(err)
-        err = err.__cause__ or err.__context__
+    chain = exception_chain(err)
     for e in chain:
         if isinstance(e, BadCaseError):
             return str(e)
