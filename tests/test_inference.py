@@ -379,3 +379,61 @@ def test_inference_network_def_matches_metadata(bundle_root):
     image = json.loads((bundle_root / "configs/metadata.json").read_text())["network_data_format"]["inputs"]["image"]
     ranges = [image["channel_def"][c]["value_range"] for c in ("0", "1")]
     assert ranges == [[-1, 1], [0, 117]] and image["num_channels"] == 2
+
+
+def test_a_model_with_a_local_head_writes_a_map_per_finding_above_its_threshold(bundle_root, sample_dir, tmp_path):
+    """ablation.json's heads (local, region, ...): prompt embeddings and thresholds for these weights give the
+    scores; the one finding above its threshold gets its finding-to-patch map on the CT's grid; local and
+    region embeddings are saved."""
+    import nibabel as nib
+    from scripts.zero_shot import save_prompt_embeddings, sha256_file
+
+    cases = tmp_path / "cases"
+    (cases / "seg").mkdir(parents=True)
+    (cases / "chest_cta_00.nii.gz").write_bytes((sample_dir / "ct/chest_cta_00.nii.gz").read_bytes())
+    (cases / "seg/chest_cta_00.nii.gz").write_bytes((sample_dir / "seg/chest_cta_00.nii.gz").read_bytes())
+    workflow = ConfigWorkflow(
+        config_file=[str(bundle_root / "configs" / c) for c in ("inference.json", "demo.json", "ablation.json")],
+        workflow_type="infer", bundle_root=str(bundle_root), ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "out"), dataset_dir=str(cases), save_local=True,
+    )  # fmt: skip
+    workflow.initialize()
+    _random_weights(workflow, tmp_path)
+    model_file = tmp_path / "models/model.pt"
+
+    class StubCLIP(torch.nn.Module):  # a text tower stand-in: fixed random prompt embeddings
+        def text_encoder(self, texts):
+            return torch.nn.functional.normalize(
+                torch.randn(len(texts), 128, generator=torch.Generator().manual_seed(0)), dim=-1
+            )
+
+        def logit_scale(self):
+            return torch.tensor(50.0)
+
+    prompt_file = bundle_root / "configs/zero_shot_prompts.json"
+    templates = json.loads(prompt_file.read_text())["templates"]
+    save_prompt_embeddings(StubCLIP(), templates, prompt_file, model_file)
+    thresholds = {
+        f: {"threshold": None, "rule": ">", "reason": "only negative cases", "n": 3, "n_positive": 0} for f in FINDINGS
+    }
+    thresholds["Emphysema"] = {"threshold": 0.0, "rule": ">", "n": 3, "n_positive": 1}
+    (tmp_path / "models/thresholds.json").write_text(json.dumps({
+        "model_sha256": sha256_file(model_file), "threshold_method": "ct_clip", "eval_section": "validation",
+        "cases": 3, "findings": thresholds,
+    }))  # fmt: skip
+    workflow.run()
+    workflow.finalize()
+    case = tmp_path / "out/chest_cta_00"
+    scores = json.loads((case / "scores.json").read_text())["findings"]
+    assert [f for f, s in scores.items() if s["above_threshold"]] == ["Emphysema"]
+    assert scores["Atelectasis"]["threshold"] is None and scores["Atelectasis"]["reason"] == "only negative cases"
+    assert sorted(p.name for p in (case / "maps").iterdir()) == ["Emphysema.nii.gz"]
+    ct = nib.load(sample_dir / "ct/chest_cta_00.nii.gz")
+    emphysema = nib.load(case / "maps/Emphysema.nii.gz")
+    assert emphysema.shape == ct.shape and np.allclose(emphysema.affine, ct.affine, atol=1e-4)
+    values = np.asarray(emphysema.dataobj)
+    assert values.min() >= -1 - 1e-5 and values.max() <= 1 + 1e-5 and np.abs(values).max() > 0  # cosine similarities
+    with safe_open(str(case / "embeddings.safetensors"), framework="pt") as f:
+        shapes = {k: tuple(f.get_tensor(k).shape) for k in f.keys()}
+    assert shapes == {"global_embedding": (128,), "region_embedding": (20, 128), "region_present": (20,),
+                      "local_embedding": (48, 128)}  # fmt: skip
