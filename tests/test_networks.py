@@ -112,9 +112,10 @@ def test_slice_distance_index():
     assert index[3, 4] == 31 and index[4, 3] == 31
 
 
-def test_reference_attention_matches_explicit_softmax():
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_attention_matches_explicit_softmax(impl):
     torch.manual_seed(0)
-    attn = SliceAwareSelfAttention(32, 4)
+    attn = SliceAwareSelfAttention(32, 4, attention_impl=impl)
     with torch.no_grad():
         attn.slice_bias.normal_()
     slices = F.pad(patch_grid_positions((3, 2, 2))[:, 0], (1, 0), value=-1)
@@ -122,21 +123,21 @@ def test_reference_attention_matches_explicit_softmax():
     q, k, v = attn.qkv(x).view(2, 13, 3, 4, 8).permute(2, 0, 3, 1, 4)
     logits = q @ k.transpose(-1, -2) / math.sqrt(8) + attn.slice_bias[:, slice_distance_index(slices, 32)]
     expected = attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(2, 13, 32))
-    assert torch.allclose(attn(x, slices), expected, atol=1e-5)
+    assert torch.allclose(attn(x, slices, 3), expected, atol=1e-5)
 
 
 def test_flex_attention_matches_reference_forward():
     """The compiled FlexAttention path against the SDPA reference (forward; CPU has no flex backward)."""
     torch.manual_seed(0)
-    attn = SliceAwareSelfAttention(32, 4)
+    attn = SliceAwareSelfAttention(32, 4, attention_impl="reference")
     with torch.no_grad():
         attn.slice_bias.normal_()
     slices = F.pad(patch_grid_positions((4, 2, 2))[:, 0], (1, 0), value=-1)
     x = torch.randn(2, 17, 32)
     with torch.no_grad():
-        reference = attn(x, slices)
+        reference = attn(x, slices, 4)
         attn.attention_impl = "flex"
-        fast = attn(x, slices)
+        fast = attn(x, slices, 4)
     assert torch.allclose(fast, reference, atol=1e-5)
 
 
@@ -151,7 +152,7 @@ def test_flex_attention_matches_reference_backward_cuda():
     grads = []
     for impl in ("reference", "flex"):
         attn.attention_impl = impl
-        grads.append(torch.autograd.grad(attn(x, slices).square().sum(), [x, attn.slice_bias]))
+        grads.append(torch.autograd.grad(attn(x, slices, 4).square().sum(), [x, attn.slice_bias]))
     for ref, fast in zip(*grads):
         assert torch.allclose(ref, fast, atol=1e-3, rtol=1e-3)
 

@@ -1,7 +1,5 @@
 """Anatomy encoder: a TotalSegmentator label map -> soft patch-to-region assignment and region tokens."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 import torch
@@ -56,6 +54,9 @@ class AnatomyEncoder(nn.Module):
     def assign(self, label_map: torch.Tensor) -> dict[str, torch.Tensor]:
         """Soft patch-to-region assignment of a label map.
 
+        Counted one slab of patch rows at a time, so the int64 copies of the label map that indexing
+        needs stay one slab (``pz`` slices) in size.
+
         Args:
             label_map: ``(B, 1, D, H, W)`` TotalSegmentator v2 label ids (any dtype; rounded).
 
@@ -64,22 +65,26 @@ class AnatomyEncoder(nn.Module):
             ``background_fraction (B, N)``: the rest, so ``[patch_to_region, background_fraction]`` rows
             sum to 1; ``region_present (B, R)``: regions with at least one voxel.
         """
-        b = label_map.shape[0]
+        b, d, h, w = label_map.shape[0], label_map.shape[2], label_map.shape[3], label_map.shape[4]
         pz, py, px = self.patch_size
-        d, h, w = label_map.shape[2:]
-        ids = label_map.round().long()
-        outside = (ids < 0) | (ids >= self.class_to_region.numel())  # unknown ids count as background
-        regions = self.class_to_region[ids.clamp(0, self.class_to_region.numel() - 1)].masked_fill(outside, 0)
-        # (B, 1, D, H, W) -> (B, Z, pz, Y, py, X, px) -> (B, Z, Y, X, pz, py, px) -> (B*N, P)
-        patches = regions.view(b, d // pz, pz, h // py, py, w // px, px).permute(0, 1, 3, 5, 2, 4, 6)
-        patches = patches.reshape(-1, pz * py * px)
-        counts = torch.zeros(patches.shape[0], self.num_regions + 1, device=label_map.device)
-        counts.scatter_add_(1, patches, torch.ones_like(patches, dtype=counts.dtype))  # (B*N, R+1)
-        fractions = (counts / patches.shape[1]).view(b, -1, self.num_regions + 1)  # (B, N, R+1)
+        num_classes = self.class_to_region.numel()
+        slabs: list[torch.Tensor] = []
+        for z in range(d // pz):
+            ids = label_map[:, 0, z * pz : (z + 1) * pz].round().long()  # (B, pz, H, W)
+            outside = (ids < 0) | (ids >= num_classes)  # unknown ids count as background
+            regions = self.class_to_region[ids.clamp(0, num_classes - 1)].masked_fill(outside, 0)
+            # (B, pz, Y, py, X, px) -> (B, Y, X, pz, py, px) -> (B * Y * X, P)
+            patches = regions.view(b, pz, h // py, py, w // px, px).permute(0, 2, 4, 1, 3, 5)
+            patches = patches.reshape(-1, pz * py * px)
+            counts = torch.zeros(patches.shape[0], self.num_regions + 1, device=label_map.device)
+            counts.scatter_add_(1, patches, torch.ones(patches.shape, device=label_map.device))  # (B*Y*X, R+1)
+            slabs.append(counts.view(b, -1, self.num_regions + 1))  # (B, Y*X, R+1)
+        counts = torch.cat(slabs, dim=1)  # (B, N, R+1), z slowest as in the token order
+        fractions = counts / float(pz * py * px)
         return {
             "patch_to_region": fractions[..., 1:],
             "background_fraction": fractions[..., 0],
-            "region_present": counts.view(b, -1, self.num_regions + 1)[..., 1:].sum(1) > 0,
+            "region_present": counts[..., 1:].sum(1) > 0,
         }
 
     def region_tokens(self, patches: torch.Tensor, patch_to_region: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
