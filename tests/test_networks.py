@@ -76,6 +76,23 @@ def test_patch_to_region_is_fraction_of_voxels(region_map):
     assert net.anatomy.class_to_region[5] == liver and net.anatomy.class_to_region[4] == liver
 
 
+@pytest.mark.parametrize("slab_voxels", [1, 2 * 3 * 4 * 16 * 24, 1 << 30])
+def test_patch_to_region_in_slabs_with_ids_outside_the_map(region_map, slab_voxels):
+    """One patch row per count, two (2 + 2 + 1 of 5 rows), or all at once: the same fractions; ids < 0 or > 117
+    (and non-integer floats, rounded) count as background."""
+    net = tiny_encoder(region_map)
+    net.anatomy.slab_voxels = slab_voxels
+    labels = torch.randint(-3, 125, (3, 1, 20, 16, 24)).float()
+    labels[0, 0, 0, 0, :3] = torch.tensor([4.9999, 5.2, -0.4])  # -> 5 (liver), 5, 0
+    assignment = net.anatomy.assign(labels)
+    ids = labels.round().long()[:, 0]
+    regions = net.anatomy.class_to_region[ids.clamp(0, 117)].masked_fill((ids < 0) | (ids > 117), 0)
+    expected = F.avg_pool3d(F.one_hot(regions, 21).permute(0, 4, 1, 2, 3).float(), (4, 8, 8))
+    expected = expected.flatten(2).transpose(1, 2)  # (B, N, R + 1)
+    assert torch.allclose(assignment["patch_to_region"], expected[..., 1:], atol=1e-6)
+    assert torch.allclose(assignment["background_fraction"], expected[..., 0], atol=1e-6)
+
+
 def test_absent_region_and_empty_mask_give_finite_features(region_map):
     net = tiny_encoder(region_map).eval()
     labels = torch.zeros(1, 1, 8, 32, 32)

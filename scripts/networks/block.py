@@ -3,6 +3,7 @@
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .region_attention import RegionCrossAttention
@@ -23,7 +24,7 @@ class TransformerBlock(nn.Module):
         num_heads: heads ``nh``.
         mlp_ratio: MLP hidden width / ``C``.
         block_type: ``"anatomy"`` or ``"plain"``.
-        attention_impl: attention path, ``"fused"``, ``"reference"`` or ``"flex"`` (see `slice_attention`).
+        attention_impl: self-attention path, ``"fused"``, ``"reference"`` or ``"flex"`` (see `slice_attention`).
         num_slice_buckets: length of the slice-distance bias table.
 
     Shapes:
@@ -56,7 +57,7 @@ class TransformerBlock(nn.Module):
         )
         self.norm_patches = nn.LayerNorm(embed_dim) if anatomy else None
         self.norm_regions = nn.LayerNorm(embed_dim) if anatomy else None
-        self.cross = RegionCrossAttention(embed_dim, num_heads, attention_impl=attention_impl) if anatomy else None
+        self.cross = RegionCrossAttention(embed_dim, num_heads) if anatomy else None
         self.uses_regions = anatomy
         hidden = int(embed_dim * mlp_ratio)
         self.norm_mlp = nn.LayerNorm(embed_dim)
@@ -74,7 +75,13 @@ class TransformerBlock(nn.Module):
         if self.cross is not None:
             if regions is None or patch_to_region is None:
                 raise ValueError("an anatomy block needs regions (B, R, C) and patch_to_region (B, N, R)")
-            cls, patches = x[:, :1], x[:, 1:]  # (B, 1, C), (B, N, C)
-            update = self.cross(self.norm_patches(patches), self.norm_regions(regions), patch_to_region)
-            x = torch.cat([cls, patches + update], dim=1)
+            x = x + self._region_update(x, regions, patch_to_region)
         return x + self.mlp(self.norm_mlp(x))
+
+    def _region_update(self, x: torch.Tensor, regions: torch.Tensor, patch_to_region: torch.Tensor) -> torch.Tensor:
+        """Cross-attention update ``(B, 1 + N, C)`` of the patch tokens, zero in the CLS row.
+
+        A method of its own so that its temporaries are freed before the MLP runs.
+        """
+        update = self.cross(self.norm_patches(x[:, 1:]), self.norm_regions(regions), patch_to_region)  # (B, N, C)
+        return F.pad(update, [0, 0, 1, 0])  # (B, 1 + N, C)

@@ -4,8 +4,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .slice_attention import ATTENTION_IMPLS, fold_bias_into_channels
-
 
 class RegionCrossAttention(nn.Module):
     """Multi-head cross-attention from patches (queries) to region tokens (keys and values).
@@ -15,35 +13,31 @@ class RegionCrossAttention(nn.Module):
     foreground fraction ``sum_r patch_to_region[n, r]``: a pure background patch (or every patch of an
     empty mask) gets exactly no update, and nothing produces NaN.
 
-    ``attention_impl="fused"`` folds the ``(B, N, R)`` bias into ``R`` extra query channels and one-hot
-    key channels (`slice_attention.fold_bias_into_channels`) so SDPA runs without a mask;
-    ``"reference"`` (and ``"flex"``, which has nothing to add here) pass the bias ``(B, 1, N, R)`` as a
-    float mask. Both are linear in ``N``.
+    The bias enters SDPA as a float mask ``(B, 1, N, R)``: linear in ``N`` (``R`` keys), so there is no
+    ``T x T`` term to avoid. Folding it into extra query channels, as the slice bias is
+    (`slice_attention.fold_bias_into_channels`), is exact too but copies the queries, and measured
+    slower on the CPU; one path serves every ``attention_impl``.
 
     Args:
         embed_dim: token width ``C``.
         num_heads: heads ``nh``; ``C`` must be divisible by ``nh``.
         eps: floor inside the log of the assignment weights.
-        attention_impl: ``"fused"``, ``"reference"`` or ``"flex"``.
 
     Shapes:
         ``forward(patches (B, N, C), regions (B, R, C), patch_to_region (B, N, R)) -> (B, N, C)``.
 
     Raises:
-        ValueError: ``C`` not divisible by ``nh``, or an unknown ``attention_impl``.
+        ValueError: ``C`` not divisible by ``nh``.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, eps: float = 1e-6, attention_impl: str = "fused") -> None:
+    def __init__(self, embed_dim: int, num_heads: int, eps: float = 1e-6) -> None:
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-        if attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
         self.scale = self.head_dim**-0.5
         self.eps = eps
-        self.fused = attention_impl == "fused"
         self.q = nn.Linear(embed_dim, embed_dim)
         self.kv = nn.Linear(embed_dim, 2 * embed_dim)
         self.proj = nn.Linear(embed_dim, embed_dim)
@@ -56,11 +50,6 @@ class RegionCrossAttention(nn.Module):
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # -> 2 x (B, nh, R, hd)
         weights = patch_to_region.to(q.dtype)
         bias = torch.log(weights + self.eps)[:, None]  # (B, N, R) -> (B, 1, N, R)
-        if self.fused:
-            one_hot = torch.eye(r, dtype=q.dtype, device=q.device)[None, None]  # (1, 1, R, R)
-            q, k, v = fold_bias_into_channels(q, k, v, bias, one_hot, self.scale)
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)[..., : self.head_dim]
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)  # (B, nh, N, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)  # (B, nh, N, hd)
         out = self.proj(out.transpose(1, 2).reshape(b, n, c))  # -> (B, N, C)
         return out * weights.sum(-1, keepdim=True)  # gate: foreground fraction (B, N, 1)

@@ -80,9 +80,10 @@ def fold_bias_into_channels(
     pad = padded_width(hd + groups) - hd - groups
     q_extra = (q_extra.to(q.dtype) / scale).expand(b, nh, tq, groups)  # (B, nh, Tq, G)
     k_extra = k_extra.to(k.dtype).expand(b, nh, tk, groups)  # (B, nh, Tk, G)
-    q_out = F.pad(torch.cat([q, q_extra], dim=-1), [0, pad])  # (B, nh, Tq, hd + G + pad)
-    k_out = F.pad(torch.cat([k, k_extra], dim=-1), [0, pad])
-    v_out = F.pad(v, [0, groups + pad])
+    # one allocation each: (B, nh, T, hd + G + pad)
+    q_out = torch.cat([q, q_extra, q.new_zeros(1, 1, 1, pad).expand(b, nh, tq, pad)], dim=-1)
+    k_out = torch.cat([k, k_extra, k.new_zeros(1, 1, 1, pad).expand(b, nh, tk, pad)], dim=-1)
+    v_out = torch.cat([v, v.new_zeros(1, 1, 1, groups + pad).expand(b, nh, tk, groups + pad)], dim=-1)
     return q_out, k_out, v_out
 
 
