@@ -14,8 +14,9 @@ so that load from other programs hits all of them alike. Memory: each variant's 
 growth during one forward, each in a fresh child process (Linux ``/proc``: ``VmHWM`` reset through
 ``clear_refs``), once with glibc's default allocator settings and once with a fixed 1 MB mmap threshold
 (peak follows the live tensors, not heap fragmentation). Then the data side:
-`scripts.benchmarks.preprocessing` (volumes/s per worker from the preprocessing cache). ``--seed-size`` adds one forward of the seed configuration (the ``network_def``
-that `configs/train.json` builds on a CPU, float32, inference) on a real sample CT + mask prepared by
+`scripts.benchmarks.preprocessing` (volumes/s per worker from the preprocessing cache).
+``--seed-size`` adds one forward of the seed configuration (the ``network_def`` that
+`configs/train.json` builds on a CPU, float32, inference) on a real sample CT + mask prepared by
 `configs/train.json`'s validation chain (64 x 512 x 512), timed in a child process with its peak
 resident memory.
 
