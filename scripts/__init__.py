@@ -14,12 +14,16 @@ SUBMODULES = (
     "checkpoints",
     "data",
     "engines",
+    "errors",
     "evaluation",
     "flags",
+    "inference",
     "losses",
     "metrics",
     "networks",
+    "run_record",
     "visualize",
+    "zero_shot",
 )
 
 
