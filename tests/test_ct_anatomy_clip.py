@@ -82,8 +82,12 @@ class TestCTAnatomyCLIP(unittest.TestCase):
         os.makedirs(os.path.join(self.cases_dir, "seg"))
         first = datalist["validation"][0]
         self.nifti_case = os.path.basename(first["image"]).replace(".nii.gz", "")
-        shutil.copyfile(os.path.join(SAMPLE_DIR, first["image"]), os.path.join(self.cases_dir, f"{self.nifti_case}.nii.gz"))
-        shutil.copyfile(os.path.join(SAMPLE_DIR, first["seg"]), os.path.join(self.cases_dir, "seg", f"{self.nifti_case}.nii.gz"))
+        shutil.copyfile(
+            os.path.join(SAMPLE_DIR, first["image"]), os.path.join(self.cases_dir, f"{self.nifti_case}.nii.gz")
+        )
+        shutil.copyfile(
+            os.path.join(SAMPLE_DIR, first["seg"]), os.path.join(self.cases_dir, "seg", f"{self.nifti_case}.nii.gz")
+        )
         shutil.copytree(DICOM_SERIES, os.path.join(self.cases_dir, "series_01"))
 
     def tearDown(self):
