@@ -144,9 +144,10 @@ def _cpu_section(section: dict) -> list[str]:
         "",
         f"Time: medians of {section['repeats']} rounds, run interleaved in one process in a shuffled order "
         "each round. The machine is shared with other programs and noisy (two cores, several jobs): the "
-        "ratios, where every variant met the same load, say more than the seconds. Small operations suffer "
-        "most from the load (a two-thread parallel region waits for a descheduled thread), which penalises "
-        "the encoder with more of them.",
+        "ratios, where every variant met the same load, say more than the seconds. Under such load "
+        "libgomp's default waiting makes every two-thread parallel region wait for a descheduled thread, "
+        "which inflates small operations many times over and penalises the encoder with more of them; "
+        f"`OMP_WAIT_POLICY` was `{machine.get('omp_wait_policy')}` in this run.",
         "",
         _row(["tokens", "input (D, H, W)", *[f"{n} s" for n in names], "anatomy / plain", "anatomy / MONAI ViT"]),
         _row(["---"] * (4 + len(names))),
