@@ -312,7 +312,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=None, help="CPU: one size (1); CUDA: 1 8")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="CPU: float32; CUDA: bfloat16")
     parser.add_argument("--impl", nargs="+", default=None, help="CPU: fused reference; CUDA: fused flex reference")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (CPU) or calls (CUDA)")
     parser.add_argument("--seed-size", action="store_true", help="also the seed-size CPU forward (minutes)")
     parser.add_argument("--data-volumes", type=int, default=10, help="volumes for the data side (0: skip)")
     parser.add_argument("--output-dir", default=str(BUNDLE_ROOT / "docs"))

@@ -12,7 +12,9 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 
 def _fmt(value, unit: str = "", missing: str = "unmeasured") -> str:
-    return missing if value is None else f"{value}{unit}"
+    if value is None:
+        return missing
+    return f"{value:.2f}x" if unit == "x" else f"{value}{unit}"
 
 
 def _row(cells) -> str:
@@ -123,8 +125,8 @@ def _targets(results: dict) -> list[str]:
     return lines + [""]
 
 
-def _pair(a, b) -> str:
-    return f"{_fmt(a, missing='-')} / {_fmt(b, missing='-')}"
+def _pair(a, b, unit: str = "") -> str:
+    return f"{_fmt(a, unit, '-')} / {_fmt(b, unit, '-')}"
 
 
 def _cpu_section(section: dict) -> list[str]:
@@ -184,8 +186,8 @@ def _cpu_section(section: dict) -> list[str]:
                 [
                     f"{row['tokens']:,}",
                     *[_pair(row["memory_growth_mb"].get(n), fixed.get(n)) for n in names],
-                    _pair(ratios["memory_vs_plain"], ratios["memory_vs_plain_fixed_mmap"]),
-                    _pair(ratios["memory_vs_monai_vit"], ratios["memory_vs_monai_vit_fixed_mmap"]),
+                    _pair(ratios["memory_vs_plain"], ratios["memory_vs_plain_fixed_mmap"], "x"),
+                    _pair(ratios["memory_vs_monai_vit"], ratios["memory_vs_monai_vit_fixed_mmap"], "x"),
                 ]
             )
         )
