@@ -103,7 +103,7 @@ def test_fused_slice_attention_with_unequal_rows_in_any_order():
 def test_fold_bias_into_channels_pads_to_a_multiple_of_eight():
     q, k, v = torch.randn(1, 2, 5, 6), torch.randn(1, 2, 4, 6), torch.randn(1, 2, 4, 6)
     bias = torch.randn(1, 1, 5, 3)
-    q2, k2, v2 = fold_bias_into_channels(q, k, v, bias, torch.eye(3)[None, None, [0, 1, 2, 0]], 0.5)
+    q2, k2, v2 = fold_bias_into_channels(q, k, v, bias / 0.5, torch.eye(3)[None, None, [0, 1, 2, 0]])
     assert q2.shape[-1] == k2.shape[-1] == v2.shape[-1] == 16  # 6 + 3 -> 16
     logits = 0.5 * q2 @ k2.transpose(-1, -2)
     expected = 0.5 * q @ k.transpose(-1, -2) + bias[..., [0, 1, 2, 0]]
@@ -115,8 +115,7 @@ def test_fused_encoder_equals_reference_encoder(region_map):
     """The whole tiny encoder, both paths with equal weights: every output and every parameter's gradient.
 
     In float32 the paths agree to rounding; under bf16 autocast each is compared with the float32
-    reference, and the fused path must be about as close to it as the reference path itself (bf16
-    rounding alone moves some gradients by ~10% of their largest entry).
+    reference, and the fused path must be about as close to it as the reference path itself.
     """
     torch.manual_seed(0)
     reference = tiny_encoder(region_map, attention_impl="reference").train()
@@ -146,7 +145,13 @@ def test_fused_encoder_equals_reference_encoder(region_map):
     (_, bf_grads_r), (bf_out_f, bf_grads_f) = run(reference, True), run(fused, True)
     for key in ("global_embedding", "local_embedding", "region_embedding"):
         _assert_close(bf_out_f[key].float(), out_r[key], torch.bfloat16, key)
-    for name, truth in grads_r.items():
-        err_f = (bf_grads_f[name].float() - truth).abs().max().item()
-        err_r = (bf_grads_r[name].float() - truth).abs().max().item()
-        assert err_f <= 2 * err_r + 1e-2 * truth.abs().max().item(), f"grad {name}: bf16 error {err_f} vs {err_r}"
+
+    def relative_error(grads: dict, names) -> float:
+        num = sum((grads[n].float() - grads_r[n]).square().sum() for n in names)
+        return (num / sum(grads_r[n].square().sum() for n in names)).sqrt().item()
+
+    # bf16 rounding alone moves the gradients by about 1% overall; the fused path must do no worse
+    err_f, err_r = relative_error(bf_grads_f, grads_r), relative_error(bf_grads_r, grads_r)
+    assert err_f <= 1.5 * err_r + 2e-3 and err_f < 0.03, (err_f, err_r)
+    for name in (n for n in grads_r if n.endswith("slice_bias")):
+        assert relative_error(bf_grads_f, [name]) < 0.05, name

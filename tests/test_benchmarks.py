@@ -113,8 +113,8 @@ def test_report_states_targets_met_and_not_met():
     text = report.markdown({"cpu_tokens": {**section, "depth": 2, "batch": 1, "dtype": "float32", "repeats": 1,
                                            "rows": [row]}})  # fmt: skip
     line = next(s for s in text.splitlines() if s.startswith("| anatomy vs plain encoder, CPU, 2,048"))
-    assert "1.4x time" in line and "1.3x (glibc default)" in line and "met / **not met**, met" in line
+    assert "1.40x time" in line and "1.30x (glibc default)" in line and "met / **not met**, met" in line
     vit = next(s for s in text.splitlines() if s.startswith("| anatomy encoder vs MONAI ViT (SDPA), CPU, 2,048"))
-    assert "2.8x" in vit and "**not met**" in vit
+    assert "2.80x" in vit and "**not met**" in vit
     assert report.GPU_COMMAND in text and "unmeasured" in text.lower()
     assert (BUNDLE_ROOT / "scripts/benchmarks/encoder.py").exists()

@@ -52,3 +52,14 @@ def test_scripted_forward_features_with_every_head(region_map):
     assert set(out) == set(eager)
     for key, value in eager.items():
         assert torch.allclose(out[key].float(), value.float(), atol=1e-5), key
+
+
+def test_checkpoints_with_the_old_head_keys_still_load(region_map):
+    """Before the rename the projection heads were a ModuleDict: ``heads.global.weight`` etc."""
+    net = tiny_encoder(region_map)
+    old = {k.replace("global_head.", "heads.global.").replace("local_head.", "heads.local.").replace(
+        "region_head.", "heads.region."): v.clone() + 1 for k, v in net.state_dict().items()}  # fmt: skip
+    assert "heads.global.weight" in old
+    net.load_state_dict(old)  # strict
+    assert torch.equal(net.global_head.weight, old["heads.global.weight"])
+    torch.jit.script(net)  # the load hook does not stop the export

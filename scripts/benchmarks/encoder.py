@@ -23,6 +23,10 @@ resident memory.
 CUDA: `scripts.benchmarks.throughput.device_figures` (forward latency, volumes/s at batch 1 and 8 and
 peak memory of the seed configuration at full input for every ``--impl``, bf16 autocast; a training step).
 
+On a machine shared with other jobs, run with ``OMP_WAIT_POLICY=PASSIVE``: with libgomp's default
+waiting, every two-thread parallel region waits for a descheduled thread, which inflates small
+operations many times over (the setting is recorded with the results).
+
 Results are merged into ``OUTPUT_DIR/performance.json`` (sections not run are kept) and
 ``OUTPUT_DIR/performance.md`` is rewritten from it.
 """
@@ -296,7 +300,8 @@ def machine() -> dict:
     if cpuinfo.exists():
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
         cpu = names[0] if names else cpu
-    return {"cpu": cpu, "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    return {"cpu": cpu, "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "omp_wait_policy": policy}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -307,7 +312,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=None, help="CPU: one size (1); CUDA: 1 8")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="CPU: float32; CUDA: bfloat16")
     parser.add_argument("--impl", nargs="+", default=None, help="CPU: fused reference; CUDA: fused flex reference")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (CPU) or calls (CUDA)")
     parser.add_argument("--seed-size", action="store_true", help="also the seed-size CPU forward (minutes)")
     parser.add_argument("--data-volumes", type=int, default=10, help="volumes for the data side (0: skip)")
     parser.add_argument("--output-dir", default=str(BUNDLE_ROOT / "docs"))
@@ -318,7 +323,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python -m scripts.benchmarks.encoder", *(argv if argv is not None else sys.argv[1:])])
+    env = [f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"] if os.environ.get("OMP_WAIT_POLICY") else []
+    command = " ".join([*env, "python -m scripts.benchmarks.encoder", *(argv if argv is not None else sys.argv[1:])])
     stamp = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": machine()}
     sections = {}
     if args.device == "cuda":

@@ -12,7 +12,9 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 
 def _fmt(value, unit: str = "", missing: str = "unmeasured") -> str:
-    return missing if value is None else f"{value}{unit}"
+    if value is None:
+        return missing
+    return f"{value:.2f}x" if unit == "x" else f"{value}{unit}"
 
 
 def _row(cells) -> str:
@@ -123,8 +125,8 @@ def _targets(results: dict) -> list[str]:
     return lines + [""]
 
 
-def _pair(a, b) -> str:
-    return f"{_fmt(a, missing='-')} / {_fmt(b, missing='-')}"
+def _pair(a, b, unit: str = "") -> str:
+    return f"{_fmt(a, unit, '-')} / {_fmt(b, unit, '-')}"
 
 
 def _cpu_section(section: dict) -> list[str]:
@@ -144,9 +146,10 @@ def _cpu_section(section: dict) -> list[str]:
         "",
         f"Time: medians of {section['repeats']} rounds, run interleaved in one process in a shuffled order "
         "each round. The machine is shared with other programs and noisy (two cores, several jobs): the "
-        "ratios, where every variant met the same load, say more than the seconds. Small operations suffer "
-        "most from the load (a two-thread parallel region waits for a descheduled thread), which penalises "
-        "the encoder with more of them.",
+        "ratios, where every variant met the same load, say more than the seconds. Under such load "
+        "libgomp's default waiting makes every two-thread parallel region wait for a descheduled thread, "
+        "which inflates small operations many times over and penalises the encoder with more of them; "
+        f"`OMP_WAIT_POLICY` was `{machine.get('omp_wait_policy')}` in this run.",
         "",
         _row(["tokens", "input (D, H, W)", *[f"{n} s" for n in names], "anatomy / plain", "anatomy / MONAI ViT"]),
         _row(["---"] * (4 + len(names))),
@@ -183,8 +186,8 @@ def _cpu_section(section: dict) -> list[str]:
                 [
                     f"{row['tokens']:,}",
                     *[_pair(row["memory_growth_mb"].get(n), fixed.get(n)) for n in names],
-                    _pair(ratios["memory_vs_plain"], ratios["memory_vs_plain_fixed_mmap"]),
-                    _pair(ratios["memory_vs_monai_vit"], ratios["memory_vs_monai_vit_fixed_mmap"]),
+                    _pair(ratios["memory_vs_plain"], ratios["memory_vs_plain_fixed_mmap"], "x"),
+                    _pair(ratios["memory_vs_monai_vit"], ratios["memory_vs_monai_vit_fixed_mmap"], "x"),
                 ]
             )
         )

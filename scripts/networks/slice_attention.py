@@ -55,21 +55,21 @@ def padded_width(width: int, multiple: int = 8) -> int:
 
 
 def fold_bias_into_channels(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_extra: torch.Tensor, k_extra: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_extra: torch.Tensor, k_extra: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Append channels to queries and keys so that ``scale * q' . k'`` carries an additive logit bias.
+    """Append channels to queries and keys so that their dot product carries an additive logit bias.
 
-    With ``q' = [q, q_extra / scale]`` and ``k' = [k, k_extra]``, ``scale * q'_i . k'_j = scale * q_i . k_j
-    + q_extra_i . k_extra_j``: when ``k_extra`` is a one-hot of the key's group (slice row, region) and
-    ``q_extra`` the query's bias row over the groups, this is exactly the biased logit, and SDPA can run
-    without a mask. ``v`` gets zero channels (fused kernels want one head dim for q, k and v); the
-    width is padded to a multiple of 8. Slice the attention output back to ``hd`` channels.
+    ``q' = [q, q_extra]``, ``k' = [k, k_extra]``, so ``scale * q'_i . k'_j = scale * q_i . k_j +
+    scale * q_extra_i . k_extra_j``: when ``k_extra`` is a one-hot of the key's group (its slice row)
+    and ``q_extra`` the query's bias row over the groups divided by ``scale``, this is exactly the biased
+    logit, and SDPA (given ``scale`` explicitly, as the head dim changes) runs without a mask. ``v`` gets
+    zero channels (fused kernels want one head dim for q, k and v); the width is padded to a multiple of
+    8. Slice the attention output back to ``hd`` channels.
 
     Args:
         q, k, v: ``(B, nh, Tq, hd)``, ``(B, nh, Tk, hd)``, ``(B, nh, Tk, hd)``.
-        q_extra: ``(B | 1, nh | 1, Tq, G)`` bias of each query over the ``G`` key groups (unscaled logits).
+        q_extra: ``(B | 1, nh | 1, Tq, G)`` bias of each query over the ``G`` key groups, over ``scale``.
         k_extra: ``(B | 1, nh | 1, Tk, G)`` group membership of each key (one-hot, or zeros for none).
-        scale: the softmax scale passed to SDPA.
 
     Returns:
         ``q', k', v'`` of width ``padded_width(hd + G)``.
@@ -78,12 +78,10 @@ def fold_bias_into_channels(
     tk = k.shape[2]
     groups = q_extra.shape[-1]
     pad = padded_width(hd + groups) - hd - groups
-    q_extra = (q_extra.to(q.dtype) / scale).expand(b, nh, tq, groups)  # (B, nh, Tq, G)
-    k_extra = k_extra.to(k.dtype).expand(b, nh, tk, groups)  # (B, nh, Tk, G)
     # one allocation each: (B, nh, T, hd + G + pad)
-    q_out = torch.cat([q, q_extra, q.new_zeros(1, 1, 1, pad).expand(b, nh, tq, pad)], dim=-1)
-    k_out = torch.cat([k, k_extra, k.new_zeros(1, 1, 1, pad).expand(b, nh, tk, pad)], dim=-1)
-    v_out = torch.cat([v, v.new_zeros(1, 1, 1, groups + pad).expand(b, nh, tk, groups + pad)], dim=-1)
+    q_out = torch.cat([q, q_extra.expand(b, nh, tq, groups), q.new_zeros(1, 1, 1, pad).expand(b, nh, tq, pad)], -1)
+    k_out = torch.cat([k, k_extra.expand(b, nh, tk, groups), k.new_zeros(1, 1, 1, pad).expand(b, nh, tk, pad)], -1)
+    v_out = torch.cat([v, v.new_zeros(1, 1, 1, groups + pad).expand(b, nh, tk, groups + pad)], -1)
     return q_out, k_out, v_out
 
 
@@ -136,8 +134,8 @@ class SliceAwareSelfAttention(nn.Module):
         if slice_bias is None:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         elif self.attention_impl == "fused":
-            q_extra, k_extra = self._bias_channels(slice_bias, token_slices, num_slice_rows)
-            q, k, v = fold_bias_into_channels(q, k, v, q_extra[None], k_extra[None, None], self.scale)
+            q_extra, k_extra = self._bias_channels(slice_bias, token_slices, num_slice_rows, q.dtype)
+            q, k, v = fold_bias_into_channels(q, k, v, q_extra[None], k_extra[None, None])
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)[..., : self.head_dim]
         elif self.attention_impl == "flex":
             out = self._flex_attention(q, k, v, slice_bias, token_slices)
@@ -149,22 +147,22 @@ class SliceAwareSelfAttention(nn.Module):
         return self.proj(out)
 
     def _bias_channels(
-        self, slice_bias: torch.Tensor, token_slices: torch.Tensor, num_slice_rows: int
+        self, slice_bias: torch.Tensor, token_slices: torch.Tensor, num_slice_rows: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The slice bias as extra query channels ``(nh, T, Z)`` and one-hot key channels ``(T, Z)``.
+        """The slice bias as extra query channels ``(nh, T, Z)`` (over ``scale``) and one-hot key channels ``(T, Z)``.
 
-        Query ``i`` gets ``bias[h, d(z_i, z)] - bias[h, 0]`` for every slice row ``z``, key ``j`` the
-        one-hot of ``z_j``. Subtracting ``bias[h, 0]`` from a query's whole row leaves its softmax
+        Query ``i`` gets ``(bias[h, d(z_i, z)] - bias[h, 0]) / scale`` for every slice row ``z``, key ``j``
+        the one-hot of ``z_j``. Subtracting ``bias[h, 0]`` from a query's whole row leaves its softmax
         unchanged and lets the CLS token, at distance 0 from everything, take zeros on both sides: no
         extra channel for it.
         """
         rows = torch.arange(num_slice_rows, device=token_slices.device)
         table = slice_bias[:, slice_distance_index(rows, self.num_slice_buckets)]  # (nh, Z, Z)
-        table = table - slice_bias[:, :1, None]  # relative to distance 0
-        is_patch = (token_slices >= 0).to(table.dtype)  # (T,), 0 for CLS
-        row = token_slices.clamp(min=0)
-        q_extra = table[:, row] * is_patch[None, :, None]  # (nh, T, Z)
-        k_extra = F.one_hot(row, num_slice_rows).to(table.dtype) * is_patch[:, None]  # (T, Z)
+        table = (table - slice_bias[:, :1, None]) / self.scale  # relative to distance 0
+        table = F.pad(table, [0, 0, 0, 1]).to(dtype)  # (nh, Z + 1, Z): row Z (the CLS token's) all zero
+        row = torch.where(token_slices < 0, num_slice_rows, token_slices)  # (T,): CLS -> Z
+        q_extra = table[:, row]  # (nh, T, Z)
+        k_extra = (row[:, None] == rows[None, :]).to(dtype)  # (T, Z): one-hot, all zero for CLS
         return q_extra, k_extra
 
     @torch.jit.unused

@@ -15,6 +15,17 @@ from .patch_embedding import PatchEmbedding3D, patch_grid_positions
 PROJECTION_HEADS = ("global", "local", "region")
 
 
+def rename_legacy_head_keys(state_dict: dict, prefix: str, *args) -> None:
+    """Load-time hook: checkpoints written before the heads became attributes name them ``heads.<name>.*``.
+
+    Renames ``{prefix}heads.{global,local,region}.weight`` to ``{prefix}{name}_head.weight`` in place.
+    """
+    for name in PROJECTION_HEADS:
+        old = f"{prefix}heads.{name}.weight"
+        if old in state_dict:
+            state_dict[f"{prefix}{name}_head.weight"] = state_dict.pop(old)
+
+
 class AnatomyAwareCTEncoder(nn.Module):
     """3D CT encoder that reads the CT together with its TotalSegmentator label map.
 
@@ -120,6 +131,7 @@ class AnatomyAwareCTEncoder(nn.Module):
         self.segmentation_head = SegmentationAuxHead(embed_dim, self.anatomy.num_regions) if segmentation_head else None
         self.finding_head = FindingHead(embed_dim, num_findings, finding_probe) if finding_head else None
         self.gradient_checkpointing = gradient_checkpointing
+        self._register_load_state_dict_pre_hook(rename_legacy_head_keys)
 
     @property
     def num_regions(self) -> int:
