@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import unittest
 
@@ -60,6 +61,8 @@ class TestCTAnatomyCLIP(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.models_dir = tempfile.mkdtemp()  # the trained demo model, shared by the tests of this class
+        if BUNDLE_ROOT not in sys.path:  # the configs import the bundle's scripts package (as the zoo's tests do)
+            sys.path.insert(0, BUNDLE_ROOT)
 
     @classmethod
     def tearDownClass(cls):
