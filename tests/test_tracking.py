@@ -77,6 +77,33 @@ def test_mlflow_tracks_training_and_evaluation(bundle_root, tiny_bert_dir, tmp_p
     assert {"evaluation/recall_at_k", "evaluation/slice_bias_first_block"} <= tags["images"]
 
 
+def test_mlflow_tracks_inference(bundle_root, sample_dir, tmp_path):
+    import torch
+
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "abdomen_00.nii.gz").write_bytes((sample_dir / "ct/abdomen_00.nii.gz").read_bytes())
+    workflow = ConfigWorkflow(
+        config_file=[str(bundle_root / "configs/inference.json"), str(bundle_root / "configs/demo.json")],
+        meta_file=str(bundle_root / "configs/metadata.json"),
+        workflow_type="infer",
+        tracking="mlflow",
+        bundle_root=str(bundle_root),
+        ckpt_dir=str(tmp_path / "models"),
+        dataset_dir=str(cases),
+        output_dir=f"$'{tmp_path / 'out'}'",
+    )
+    workflow.initialize()
+    (tmp_path / "models").mkdir()
+    torch.save(workflow.parser.get_parsed_content("network_def").state_dict(), tmp_path / "models/model.pt")
+    workflow.run()
+    workflow.finalize()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'out' / 'mlruns.db'}")
+    (run,) = client.search_runs(client.get_experiment_by_name("monai_experiment").experiment_id)
+    assert run.data.metrics == {"cases_written": 1.0, "cases_refused": 0.0}
+    assert [a.path for a in client.list_artifacts(run.info.run_id)][0].startswith("config_")
+
+
 def test_mlflow_metric_names():
     from scripts.engines import mlflow_metric_name
 
