@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import re
+import time
 from collections.abc import Callable, Sequence
 
 import torch
 from ignite.metrics import Metric
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
+from monai.handlers import MLFlowHandler
 from monai.inferers import Inferer
 from monai.utils.enums import CommonKeys as Keys
 from torch.utils.data import DataLoader
@@ -100,6 +104,7 @@ class ContrastiveTrainer(SupervisedTrainer):
         max_grad_norm: clip the global gradient norm to this value; ``None`` disables clipping.
         image_transform: applied to the packed image on ``device`` (`scripts.data.WindowPackedCT`, the HU
             window); ``None`` when the loader already yields the float network input.
+        train_handlers: the parent's; an `MLFlowHandler` among them is fitted by `fit_mlflow_handlers`.
 
     Raises:
         ValueError: unknown ``autocast_dtype``; a training loader that yields no batch (fewer items than
@@ -132,6 +137,7 @@ class ContrastiveTrainer(SupervisedTrainer):
                 f"(of {len(train_data_loader.dataset)} in the training list) with batch_size "
                 f"{train_data_loader.batch_size} and drop_last={train_data_loader.drop_last}; add data or lower batch_size"
             )
+        fit_mlflow_handlers(train_handlers, output_transform=logged_losses)
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -248,6 +254,42 @@ def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return getattr(network, "module", network)
 
 
+def mlflow_metric_name(name: str) -> str:
+    """``name`` as MLflow accepts it: ``@`` becomes ``_at_`` (``val_recall@1`` -> ``val_recall_at_1``), any other
+    character outside letters, digits and ``_-. :/`` becomes ``_``."""
+    return re.sub(r"[^0-9A-Za-z_\-. :/]", "_", name.replace("@", "_at_"))
+
+
+def fit_mlflow_handlers(handlers: Sequence | None, output_transform: Callable | None = None) -> None:
+    """Fit MONAI's built-in MLflow handlers (``--tracking mlflow``) to this bundle's engines, in place.
+
+    MONAI's settings log the iteration loss through ``from_engine(['loss'], first=True)``, which needs the decollated
+    list of per-item outputs that these engines (one batch dict, ``decollate=False``) do not make: an `MLFlowHandler`
+    among ``handlers`` gets ``output_transform`` instead when one is given. Its epoch log takes the engine's scalar
+    metrics under names MLflow accepts (`mlflow_metric_name`; MLflow refuses ``val_recall@1``). Other handlers are
+    left alone.
+    """
+    for handler in handlers or ():
+        if isinstance(handler, MLFlowHandler):
+            if output_transform is not None:
+                handler.output_transform = output_transform
+            handler.epoch_logger = functools.partial(_log_epoch_metrics, handler)
+
+
+def _log_epoch_metrics(handler: MLFlowHandler, engine) -> None:
+    from mlflow.entities import Metric
+
+    step = handler.global_epoch_transform(engine.state.epoch)
+    stamp = int(time.time() * 1000)
+    metrics = [
+        Metric(mlflow_metric_name(name), float(value), stamp, step)
+        for name, value in engine.state.metrics.items()
+        if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+    ]
+    if metrics:
+        handler.client.log_batch(run_id=handler.cur_run.info.run_id, metrics=metrics)
+
+
 def logged_losses(output: dict) -> dict[str, torch.Tensor]:
     """What the stats handlers log per iteration: the total ``loss`` and, with several terms, each term."""
     terms = output.get("loss_terms", {})
@@ -266,6 +308,7 @@ class ContrastiveEvaluator(SupervisedEvaluator):
     Args:
         autocast_dtype: ``"bfloat16"``, ``"float16"`` or ``None`` (float32).
         image_transform: as `ContrastiveTrainer`'s.
+        val_handlers: the parent's; an `MLFlowHandler` among them is fitted by `fit_mlflow_handlers`.
     """
 
     def __init__(
@@ -282,6 +325,7 @@ class ContrastiveEvaluator(SupervisedEvaluator):
         autocast_dtype: str | None = None,
         image_transform: Callable | None = None,
     ) -> None:
+        fit_mlflow_handlers(val_handlers)
         super().__init__(
             device=torch.device(device),
             val_data_loader=val_data_loader,

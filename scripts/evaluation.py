@@ -227,6 +227,31 @@ def _value(entry) -> str:
     return f"{entry['value']:.3f}" if entry["value"] is not None else f"null ({entry.get('reason', '')})"
 
 
+def headline_metrics(report: dict) -> dict[str, float]:
+    """The headline numbers of an evaluation report as flat scalars, for experiment trackers (MLflow).
+
+    Retrieval Recall@1/5/10, mean rank and chance Recall@1 per direction, macro AUROC of each finding subset
+    (zero-shot and finding head), the report-region AUROC and the step-to-region accuracy. A number the data
+    cannot define (``null`` in the report) is left out.
+    """
+    entries = {"cases": {"value": report["cases"]}}
+    for direction in ("image_to_text", "text_to_image"):
+        entry = report["retrieval"][direction]
+        entries.update({f"recall@{k}_{direction}": entry[f"recall@{k}"] for k in (1, 5, 10)})
+        entries[f"mean_rank_{direction}"] = entry["mean_rank"]
+        entries[f"chance_recall@1_{direction}"] = entry["chance"]["recall@1"]
+    for section in ("zero_shot", "finding_head"):
+        for name, macro in report[section].get("macro", {}).items():
+            entries[f"{section}_macro_auroc_{name}"] = macro["auroc"]
+    entries["report_region_auroc"] = report["grounding"].get("report_region_auroc", {}).get("pooled")
+    entries["step_region_accuracy"] = report["chain_of_thought"].get("step_region_accuracy")
+    return {
+        name: float(entry["value"])
+        for name, entry in entries.items()
+        if isinstance(entry, dict) and isinstance(entry.get("value"), (int, float))
+    }
+
+
 def summary(report: dict) -> str:
     """The headline numbers of an evaluation report, one line each, for the console."""
     lines = []
@@ -308,7 +333,7 @@ class EvaluationReport:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self._finish)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._finish)  # before trackers log the epoch's metrics
 
     @property
     def _rank0(self) -> bool:
@@ -326,6 +351,8 @@ class EvaluationReport:
             )
         self.model.train(training)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self._rank0:
+            logger.info(f"evaluating {len(self.dataset)} cases; the report goes to {self.output_dir}")
 
     def _collect(self, engine: Engine) -> None:
         out = engine.state.output
@@ -377,7 +404,8 @@ class EvaluationReport:
             return
         report = self._report(case_index, rows, step_key, step_rows)
         (self.output_dir / "metrics.json").write_text(json.dumps(report, indent=4, allow_nan=False) + "\n")
-        engine.state.metrics["evaluation_report"] = report
+        engine.state.evaluation_report = report
+        engine.state.metrics.update(headline_metrics(report))
         logger.info(f"evaluation of {case_index.numel()} cases written to {self.output_dir}\n{summary(report)}")
 
     def _any_steps(self) -> bool:

@@ -99,5 +99,6 @@ def test_every_term_on_a_tiny_encoder_trains_its_heads(region_map, tiny_bert_dir
     assert set(terms) == {"loss", "global", "region", "step", "local", "segmentation", "finding"}
     assert all(math.isfinite(v.item()) and v.item() > 0 for v in terms.values())
     terms["loss"].backward()
-    for module in (encoder.heads, text.projection, seg_head, finding_head):
+    heads = (encoder.global_head, encoder.local_head, encoder.region_head, text.projection, seg_head, finding_head)
+    for module in heads:
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())

@@ -76,6 +76,23 @@ def test_patch_to_region_is_fraction_of_voxels(region_map):
     assert net.anatomy.class_to_region[5] == liver and net.anatomy.class_to_region[4] == liver
 
 
+@pytest.mark.parametrize("slab_voxels", [1, 2 * 3 * 4 * 16 * 24, 1 << 30])
+def test_patch_to_region_in_slabs_with_ids_outside_the_map(region_map, slab_voxels):
+    """One patch row per count, two (2 + 2 + 1 of 5 rows), or all at once: the same fractions; ids < 0 or > 117
+    (and non-integer floats, rounded) count as background."""
+    net = tiny_encoder(region_map)
+    net.anatomy.slab_voxels = slab_voxels
+    labels = torch.randint(-3, 125, (3, 1, 20, 16, 24)).float()
+    labels[0, 0, 0, 0, :3] = torch.tensor([4.9999, 5.2, -0.4])  # -> 5 (liver), 5, 0
+    assignment = net.anatomy.assign(labels)
+    ids = labels.round().long()[:, 0]
+    regions = net.anatomy.class_to_region[ids.clamp(0, 117)].masked_fill((ids < 0) | (ids > 117), 0)
+    expected = F.avg_pool3d(F.one_hot(regions, 21).permute(0, 4, 1, 2, 3).float(), (4, 8, 8))
+    expected = expected.flatten(2).transpose(1, 2)  # (B, N, R + 1)
+    assert torch.allclose(assignment["patch_to_region"], expected[..., 1:], atol=1e-6)
+    assert torch.allclose(assignment["background_fraction"], expected[..., 0], atol=1e-6)
+
+
 def test_absent_region_and_empty_mask_give_finite_features(region_map):
     net = tiny_encoder(region_map).eval()
     labels = torch.zeros(1, 1, 8, 32, 32)
@@ -112,9 +129,10 @@ def test_slice_distance_index():
     assert index[3, 4] == 31 and index[4, 3] == 31
 
 
-def test_reference_attention_matches_explicit_softmax():
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_attention_matches_explicit_softmax(impl):
     torch.manual_seed(0)
-    attn = SliceAwareSelfAttention(32, 4)
+    attn = SliceAwareSelfAttention(32, 4, attention_impl=impl)
     with torch.no_grad():
         attn.slice_bias.normal_()
     slices = F.pad(patch_grid_positions((3, 2, 2))[:, 0], (1, 0), value=-1)
@@ -122,21 +140,21 @@ def test_reference_attention_matches_explicit_softmax():
     q, k, v = attn.qkv(x).view(2, 13, 3, 4, 8).permute(2, 0, 3, 1, 4)
     logits = q @ k.transpose(-1, -2) / math.sqrt(8) + attn.slice_bias[:, slice_distance_index(slices, 32)]
     expected = attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(2, 13, 32))
-    assert torch.allclose(attn(x, slices), expected, atol=1e-5)
+    assert torch.allclose(attn(x, slices, 3), expected, atol=1e-5)
 
 
 def test_flex_attention_matches_reference_forward():
     """The compiled FlexAttention path against the SDPA reference (forward; CPU has no flex backward)."""
     torch.manual_seed(0)
-    attn = SliceAwareSelfAttention(32, 4)
+    attn = SliceAwareSelfAttention(32, 4, attention_impl="reference")
     with torch.no_grad():
         attn.slice_bias.normal_()
     slices = F.pad(patch_grid_positions((4, 2, 2))[:, 0], (1, 0), value=-1)
     x = torch.randn(2, 17, 32)
     with torch.no_grad():
-        reference = attn(x, slices)
+        reference = attn(x, slices, 4)
         attn.attention_impl = "flex"
-        fast = attn(x, slices)
+        fast = attn(x, slices, 4)
     assert torch.allclose(fast, reference, atol=1e-5)
 
 
@@ -151,7 +169,7 @@ def test_flex_attention_matches_reference_backward_cuda():
     grads = []
     for impl in ("reference", "flex"):
         attn.attention_impl = impl
-        grads.append(torch.autograd.grad(attn(x, slices).square().sum(), [x, attn.slice_bias]))
+        grads.append(torch.autograd.grad(attn(x, slices, 4).square().sum(), [x, attn.slice_bias]))
     for ref, fast in zip(*grads):
         assert torch.allclose(ref, fast, atol=1e-3, rtol=1e-3)
 

@@ -251,7 +251,8 @@ class RefusedCases:
     """List every refused case with its reason in ``{output_dir}/refused.json`` (rewritten as cases come).
 
     The file is written at the start (empty list) and after each refusal, so it is complete even if the
-    run stops later; the end of the run logs how many cases were written and refused.
+    run stops later; the end of the run logs how many cases were written and refused, and puts both counts in
+    ``engine.state.metrics`` (``cases_written``, ``cases_refused``: what ``--tracking mlflow`` logs).
     """
 
     def __init__(self, output_dir: str, dataset_dir: str) -> None:
@@ -261,6 +262,7 @@ class RefusedCases:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._count)  # before trackers log the epoch's metrics
         engine.add_event_handler(Events.COMPLETED, self._finish)
 
     def _start(self, engine: Engine) -> None:
@@ -279,6 +281,9 @@ class RefusedCases:
         )  # fmt: skip
         logger.warning(f"{case['case_id']}: refused: {case['refused']}")
         self._write()
+
+    def _count(self, engine: Engine) -> None:
+        engine.state.metrics.update(cases_written=self.done - len(self.refused), cases_refused=len(self.refused))
 
     def _finish(self, engine: Engine) -> None:
         logger.info(

@@ -1,11 +1,12 @@
 """Anatomy encoder: a TotalSegmentator label map -> soft patch-to-region assignment and region tokens."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+SLAB_VOXELS = 1 << 22  # voxels of label map per counting pass (32 MB of int64)
 
 
 class AnatomyEncoder(nn.Module):
@@ -40,21 +41,26 @@ class AnatomyEncoder(nn.Module):
         num_classes: int = 118,
     ) -> None:
         super().__init__()
-        lookup = torch.zeros(num_classes, dtype=torch.long)
+        lookup = [0] * num_classes
         for region, ids in enumerate(region_class_ids, start=1):
             for label_id in ids:
                 if not 0 < int(label_id) < num_classes:
                     raise ValueError(f"region {region}: label id {label_id} is outside [1, {num_classes})")
                 if lookup[int(label_id)] != 0:
-                    raise ValueError(f"label id {label_id} is in regions {int(lookup[int(label_id)])} and {region}")
+                    raise ValueError(f"label id {label_id} is in regions {lookup[int(label_id)]} and {region}")
                 lookup[int(label_id)] = region
-        self.register_buffer("class_to_region", lookup)
+        self.register_buffer("class_to_region", torch.tensor(lookup, dtype=torch.long))
         self.num_regions = len(region_class_ids)
+        self.slab_voxels = SLAB_VOXELS
         self.patch_size = tuple(int(p) for p in patch_size)
         self.region_embedding = nn.Parameter(torch.randn(self.num_regions, embed_dim) * 0.02)
 
     def assign(self, label_map: torch.Tensor) -> dict[str, torch.Tensor]:
         """Soft patch-to-region assignment of a label map.
+
+        The label ids of each patch are counted with one `torch.bincount` per slab of patch rows (at
+        most ``slab_voxels`` voxels, so the integer copies of the label map stay small), then summed into
+        regions through the id-to-region lookup: a few passes over the voxels, no per-voxel lookup.
 
         Args:
             label_map: ``(B, 1, D, H, W)`` TotalSegmentator v2 label ids (any dtype; rounded).
@@ -64,22 +70,32 @@ class AnatomyEncoder(nn.Module):
             ``background_fraction (B, N)``: the rest, so ``[patch_to_region, background_fraction]`` rows
             sum to 1; ``region_present (B, R)``: regions with at least one voxel.
         """
-        b = label_map.shape[0]
+        b, d, h, w = label_map.shape[0], label_map.shape[2], label_map.shape[3], label_map.shape[4]
         pz, py, px = self.patch_size
-        d, h, w = label_map.shape[2:]
-        ids = label_map.round().long()
-        outside = (ids < 0) | (ids >= self.class_to_region.numel())  # unknown ids count as background
-        regions = self.class_to_region[ids.clamp(0, self.class_to_region.numel() - 1)].masked_fill(outside, 0)
-        # (B, 1, D, H, W) -> (B, Z, pz, Y, py, X, px) -> (B, Z, Y, X, pz, py, px) -> (B*N, P)
-        patches = regions.view(b, d // pz, pz, h // py, py, w // px, px).permute(0, 1, 3, 5, 2, 4, 6)
-        patches = patches.reshape(-1, pz * py * px)
-        counts = torch.zeros(patches.shape[0], self.num_regions + 1, device=label_map.device)
-        counts.scatter_add_(1, patches, torch.ones_like(patches, dtype=counts.dtype))  # (B*N, R+1)
-        fractions = (counts / patches.shape[1]).view(b, -1, self.num_regions + 1)  # (B, N, R+1)
+        ny, nx = h // py, w // px
+        num_ids = self.class_to_region.numel() + 2  # ids -1 .. num_classes: the two ends catch ids outside the map
+        device = label_map.device
+        plane = (torch.arange(h, device=device) // py)[:, None] * nx + (torch.arange(w, device=device) // px)[None]
+        rows_per_slab = max(1, self.slab_voxels // (b * pz * h * w))
+        slabs: list[torch.Tensor] = []
+        for z0 in range(0, d // pz, rows_per_slab):
+            rows = min(rows_per_slab, d // pz - z0)
+            ids = (label_map[:, 0, z0 * pz : (z0 + rows) * pz] + 0.5).long()  # rounded ids (B, rows * pz, H, W)
+            # bin of each voxel: (batch item, patch row in the slab, patch in the plane, id + 1)
+            item_row = torch.arange(b * rows, device=device).view(b, rows, 1, 1, 1) * (ny * nx)
+            bins = (item_row + plane) * num_ids + 1  # (B, rows, 1, H, W)
+            ids = ids.clamp_(-1, num_ids - 2).view(b, rows, pz, h, w) + bins  # (B, rows, pz, H, W)
+            counts = torch.bincount(ids.flatten(), minlength=b * rows * ny * nx * num_ids)
+            # (B, rows, Y*X, ids) in the token order (z slowest)
+            slabs.append(counts.view(b, rows * ny * nx, num_ids))
+        id_counts = torch.cat(slabs, dim=1).float()  # (B, N, ids)
+        lookup = F.one_hot(F.pad(self.class_to_region, [1, 1]), self.num_regions + 1).float()  # (ids, R + 1)
+        counts = id_counts @ lookup  # (B, N, R + 1)
+        fractions = counts / float(pz * py * px)
         return {
             "patch_to_region": fractions[..., 1:],
             "background_fraction": fractions[..., 0],
-            "region_present": counts.view(b, -1, self.num_regions + 1)[..., 1:].sum(1) > 0,
+            "region_present": counts[..., 1:].sum(1) > 0,
         }
 
     def region_tokens(self, patches: torch.Tensor, patch_to_region: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Pre-norm transformer block: slice-aware self-attention, region cross-attention, MLP."""
 
-from __future__ import annotations
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .region_attention import RegionCrossAttention
@@ -23,16 +24,18 @@ class TransformerBlock(nn.Module):
         num_heads: heads ``nh``.
         mlp_ratio: MLP hidden width / ``C``.
         block_type: ``"anatomy"`` or ``"plain"``.
-        attention_impl: self-attention path, ``"reference"`` or ``"flex"`` (see `slice_attention`).
+        attention_impl: self-attention path, ``"fused"``, ``"reference"`` or ``"flex"`` (see `slice_attention`).
         num_slice_buckets: length of the slice-distance bias table.
 
     Shapes:
-        ``forward(x (B, 1 + N, C), token_slices (1 + N,), regions (B, R, C) | None,
+        ``forward(x (B, 1 + N, C), token_slices (1 + N,), num_slice_rows, regions (B, R, C) | None,
         patch_to_region (B, N, R) | None) -> (B, 1 + N, C)``; token 0 is the CLS token, which takes no
-        part in the cross-attention. ``regions`` and ``patch_to_region`` are needed by anatomy blocks only.
+        part in the cross-attention; ``token_slices`` as in `SliceAwareSelfAttention`. ``regions`` and
+        ``patch_to_region`` are needed by anatomy blocks only.
 
     Raises:
-        ValueError: unknown ``block_type``.
+        ValueError: unknown ``block_type``; an anatomy block called without ``regions`` or
+            ``patch_to_region``.
     """
 
     def __init__(
@@ -41,7 +44,7 @@ class TransformerBlock(nn.Module):
         num_heads: int,
         mlp_ratio: float = 4.0,
         block_type: str = "anatomy",
-        attention_impl: str = "reference",
+        attention_impl: str = "fused",
         num_slice_buckets: int = 32,
     ) -> None:
         super().__init__()
@@ -55,24 +58,30 @@ class TransformerBlock(nn.Module):
         self.norm_patches = nn.LayerNorm(embed_dim) if anatomy else None
         self.norm_regions = nn.LayerNorm(embed_dim) if anatomy else None
         self.cross = RegionCrossAttention(embed_dim, num_heads) if anatomy else None
+        self.uses_regions = anatomy
         hidden = int(embed_dim * mlp_ratio)
         self.norm_mlp = nn.LayerNorm(embed_dim)
         self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
-
-    @property
-    def uses_regions(self) -> bool:
-        return self.cross is not None
 
     def forward(
         self,
         x: torch.Tensor,
         token_slices: torch.Tensor,
-        regions: torch.Tensor | None = None,
-        patch_to_region: torch.Tensor | None = None,
+        num_slice_rows: int,
+        regions: Optional[torch.Tensor] = None,
+        patch_to_region: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm_attn(x), token_slices)
+        x = x + self.attn(self.norm_attn(x), token_slices, num_slice_rows)
         if self.cross is not None:
-            cls, patches = x[:, :1], x[:, 1:]  # (B, 1, C), (B, N, C)
-            update = self.cross(self.norm_patches(patches), self.norm_regions(regions), patch_to_region)
-            x = torch.cat([cls, patches + update], dim=1)
+            if regions is None or patch_to_region is None:
+                raise ValueError("an anatomy block needs regions (B, R, C) and patch_to_region (B, N, R)")
+            x = x + self._region_update(x, regions, patch_to_region)
         return x + self.mlp(self.norm_mlp(x))
+
+    def _region_update(self, x: torch.Tensor, regions: torch.Tensor, patch_to_region: torch.Tensor) -> torch.Tensor:
+        """Cross-attention update ``(B, 1 + N, C)`` of the patch tokens, zero in the CLS row.
+
+        A method of its own so that its temporaries are freed before the MLP runs.
+        """
+        update = self.cross(self.norm_patches(x[:, 1:]), self.norm_regions(regions), patch_to_region)  # (B, N, C)
+        return F.pad(update, [0, 0, 1, 0])  # (B, 1 + N, C)

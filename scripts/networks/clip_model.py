@@ -45,7 +45,7 @@ class CTReportCLIP(nn.Module):
         max_logit_scale: float = 100.0,
     ) -> None:
         super().__init__()
-        image_dim = image_encoder.heads["global"].out_features
+        image_dim = image_encoder.global_head.out_features
         text_dim = text_encoder.projection.out_features
         if image_dim != text_dim:
             raise ValueError(f"image embedding width {image_dim} != text embedding width {text_dim}")

@@ -1,7 +1,5 @@
 """Small heads on the encoder's features: auxiliary per-patch region prediction and the finding classifier."""
 
-from __future__ import annotations
-
 import torch
 from torch import nn
 
@@ -31,7 +29,7 @@ class SegmentationAuxHead(nn.Module):
     def forward(self, local_features: torch.Tensor) -> torch.Tensor:
         if local_features.ndim != 3 or local_features.shape[-1] != self.linear.in_features:
             raise ValueError(
-                f"expected local_features (B, N, {self.linear.in_features}), got {tuple(local_features.shape)}"
+                f"expected local_features (B, N, {self.linear.in_features}), got {list(local_features.shape)}"
             )
         return self.linear(local_features)
 
@@ -64,7 +62,7 @@ class FindingHead(nn.Module):
     def forward(self, global_features: torch.Tensor) -> torch.Tensor:
         if global_features.ndim != 2 or global_features.shape[-1] != self.linear.in_features:
             raise ValueError(
-                f"expected global_features (B, {self.linear.in_features}), got {tuple(global_features.shape)}"
+                f"expected global_features (B, {self.linear.in_features}), got {list(global_features.shape)}"
             )
         if self.detach_features:
             global_features = global_features.detach()

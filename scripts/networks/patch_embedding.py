@@ -1,9 +1,8 @@
 """3D patch embedding with a 3D positional embedding and a CLS token (ViT, arXiv:2010.11929, in 3D)."""
 
-from __future__ import annotations
-
 import math
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -12,17 +11,21 @@ from torch import nn
 POS_EMBED_TYPES = ("learned", "sinusoidal")
 
 
-def patch_grid_positions(grid: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
+def patch_grid_positions(grid: tuple[int, int, int], device: Optional[torch.device] = None) -> torch.Tensor:
     """Integer patch-grid indices ``(Z*Y*X, 3)`` of a ``(Z, Y, X)`` grid, row-major with ``x`` fastest.
 
     Row ``n`` is ``(z, y, x)`` of the ``n``-th patch token, the order in which `PatchEmbedding3D` flattens
     the grid.
     """
-    axes = [torch.arange(g, device=device) for g in grid]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+    axes = [
+        torch.arange(grid[0], device=device),
+        torch.arange(grid[1], device=device),
+        torch.arange(grid[2], device=device),
+    ]
+    return torch.stack(torch.meshgrid(axes, indexing="ij"), dim=-1).reshape(-1, 3)
 
 
-def sinusoidal_table(length: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+def sinusoidal_table(length: int, dim: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """Fixed sine/cosine table ``(length, dim)`` over positions ``0..length-1`` (arXiv:1706.03762, sec. 3.5).
 
     Raises:
@@ -78,39 +81,46 @@ class PatchEmbedding3D(nn.Module):
         self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        # the sinusoidal width is split z | y | x; each part must be even for sine/cosine pairs
+        part = 2 * (embed_dim // 6)
+        self.sin_dims = (embed_dim - 2 * part, part, part)
         if pos_embed_type == "learned":
             self.pos_z = nn.Parameter(torch.randn(self.grid_size[0], embed_dim) * 0.02)
             self.pos_y = nn.Parameter(torch.randn(self.grid_size[1], embed_dim) * 0.02)
             self.pos_x = nn.Parameter(torch.randn(self.grid_size[2], embed_dim) * 0.02)
         else:
-            # the width is split z | y | x; each part must be even for sine/cosine pairs
-            part = 2 * (embed_dim // 6)
-            self.sin_dims = (embed_dim - 2 * part, part, part)
             if embed_dim % 2 or part == 0:
                 raise ValueError(f"sinusoidal embedding needs an even embed_dim >= 6, got {embed_dim}")
+            self.pos_z = self.pos_y = self.pos_x = None
 
     def _axis_tables(self, grid: tuple[int, int, int], device: torch.device) -> list[torch.Tensor]:
         """Per-axis tables ``[(Z, C), (Y, C), (X, C)]`` for the grid at hand."""
-        if self.pos_embed_type == "sinusoidal":
-            tables, start = [], 0
-            for length, width in zip(grid, self.sin_dims):
+        tables: list[torch.Tensor] = []
+        pos_z, pos_y, pos_x = self.pos_z, self.pos_y, self.pos_x
+        if pos_z is None or pos_y is None or pos_x is None:  # sinusoidal
+            start = 0
+            for axis in range(3):
+                length, width = grid[axis], self.sin_dims[axis]
                 table = torch.zeros(length, self.embed_dim, device=device)
                 table[:, start : start + width] = sinusoidal_table(length, width, device)
                 tables.append(table)
                 start += width
             return tables
-        tables = []
-        for table, length in zip((self.pos_z, self.pos_y, self.pos_x), grid):
-            if table.shape[0] != length:
+        learned = [pos_z, pos_y, pos_x]
+        for axis in range(3):
+            table = learned[axis]
+            if table.shape[0] != grid[axis]:
                 # (L, C) -> (1, C, L) -> interpolate -> (length, C)
-                table = F.interpolate(table.T[None], size=length, mode="linear", align_corners=False)[0].T
+                table = F.interpolate(table.T[None], size=grid[axis], mode="linear", align_corners=False)[0].T
             tables.append(table)
         return tables
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        spatial = tuple(image.shape[2:])
-        if any(s % p for s, p in zip(spatial, self.patch_size)):
-            raise ValueError(f"input size {spatial} (D, H, W) is not a multiple of the patch size {self.patch_size}")
+        spatial = [image.shape[2], image.shape[3], image.shape[4]]
+        if spatial[0] % self.patch_size[0] or spatial[1] % self.patch_size[1] or spatial[2] % self.patch_size[2]:
+            raise ValueError(
+                f"input size {spatial} (D, H, W) is not a multiple of the patch size {list(self.patch_size)}"
+            )
         x = self.proj(image)  # (B, C, Z, Y, X)
         grid = (int(x.shape[2]), int(x.shape[3]), int(x.shape[4]))
         x = x.flatten(2).transpose(1, 2)  # (B, C, Z, Y, X) -> (B, N, C)

@@ -1,7 +1,5 @@
 """Region-aware cross-attention: patch tokens attend to the region tokens of the anatomy they lie in."""
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +12,11 @@ class RegionCrossAttention(nn.Module):
     to, in proportion to how much of the patch each covers. The output is gated by the patch's
     foreground fraction ``sum_r patch_to_region[n, r]``: a pure background patch (or every patch of an
     empty mask) gets exactly no update, and nothing produces NaN.
+
+    The bias enters SDPA as a float mask ``(B, 1, N, R)``: linear in ``N`` (``R`` keys), so there is no
+    ``T x T`` term to avoid. Folding it into extra query channels, as the slice bias is
+    (`slice_attention.fold_bias_into_channels`), is exact too but copies the queries, and measured
+    slower on the CPU; one path serves every ``attention_impl``.
 
     Args:
         embed_dim: token width ``C``.
@@ -33,6 +36,7 @@ class RegionCrossAttention(nn.Module):
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
+        self.scale = self.head_dim**-0.5
         self.eps = eps
         self.q = nn.Linear(embed_dim, embed_dim)
         self.kv = nn.Linear(embed_dim, 2 * embed_dim)
@@ -46,6 +50,6 @@ class RegionCrossAttention(nn.Module):
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # -> 2 x (B, nh, R, hd)
         weights = patch_to_region.to(q.dtype)
         bias = torch.log(weights + self.eps)[:, None]  # (B, N, R) -> (B, 1, N, R)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, nh, N, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)  # (B, nh, N, hd)
         out = self.proj(out.transpose(1, 2).reshape(b, n, c))  # -> (B, N, C)
         return out * weights.sum(-1, keepdim=True)  # gate: foreground fraction (B, N, 1)

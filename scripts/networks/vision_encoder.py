@@ -1,7 +1,5 @@
 """The anatomy-aware 3D CT vision encoder (the bundle's ``network_def``)."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 import torch
@@ -15,6 +13,17 @@ from .heads import FindingHead, SegmentationAuxHead
 from .patch_embedding import PatchEmbedding3D, patch_grid_positions
 
 PROJECTION_HEADS = ("global", "local", "region")
+
+
+def rename_legacy_head_keys(state_dict: dict, prefix: str, *args) -> None:
+    """Load-time hook: checkpoints written before the heads became attributes name them ``heads.<name>.*``.
+
+    Renames ``{prefix}heads.{global,local,region}.weight`` to ``{prefix}{name}_head.weight`` in place.
+    """
+    for name in PROJECTION_HEADS:
+        old = f"{prefix}heads.{name}.weight"
+        if old in state_dict:
+            state_dict[f"{prefix}{name}_head.weight"] = state_dict.pop(old)
 
 
 class AnatomyAwareCTEncoder(nn.Module):
@@ -54,10 +63,13 @@ class AnatomyAwareCTEncoder(nn.Module):
         projection_heads: which projection heads to build, from ``("global", "local", "region")``;
             ``"global"`` is required. Build only the heads a loss uses (DDP needs every parameter used).
         block_type: ``"anatomy"`` (full block) or ``"plain"`` (ViT block baseline).
-        attention_impl: ``"reference"`` (SDPA with explicit bias) or ``"flex"`` (compiled FlexAttention).
+        attention_impl: ``"fused"`` (SDPA with the bias folded into extra channels; the default, and what
+            TorchScript export needs), ``"reference"`` (SDPA with the explicit ``T x T`` bias; small inputs
+            only) or ``"flex"`` (compiled FlexAttention); see `slice_attention`.
         pos_embed_type: ``"learned"`` or ``"sinusoidal"``.
         mlp_ratio: MLP hidden width / ``C``.
-        gradient_checkpointing: recompute each block in backward (training only) to save memory.
+        gradient_checkpointing: recompute each block in backward (training only) to save memory; not
+            part of a TorchScript export.
         segmentation_head: build the auxiliary per-patch anatomy head (`SegmentationAuxHead`).
         finding_head: build the finding classifier (`FindingHead`) on ``global_features``.
         num_findings: classes of the finding head (18 CT-RATE findings).
@@ -80,7 +92,7 @@ class AnatomyAwareCTEncoder(nn.Module):
         projection_dim: int = 512,
         projection_heads: Sequence[str] = PROJECTION_HEADS,
         block_type: str = "anatomy",
-        attention_impl: str = "reference",
+        attention_impl: str = "fused",
         pos_embed_type: str = "learned",
         mlp_ratio: float = 4.0,
         gradient_checkpointing: bool = False,
@@ -111,12 +123,15 @@ class AnatomyAwareCTEncoder(nn.Module):
             TransformerBlock(embed_dim, num_heads, mlp_ratio, block_type, attention_impl) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim)
-        self.heads = nn.ModuleDict(
-            {name: nn.Linear(embed_dim, projection_dim, bias=False) for name in projection_heads}
-        )
+        # one attribute per projection head (not a dict keyed "global", a Python keyword that a saved
+        # TorchScript model cannot load back)
+        self.global_head = nn.Linear(embed_dim, projection_dim, bias=False)
+        self.local_head = nn.Linear(embed_dim, projection_dim, bias=False) if "local" in projection_heads else None
+        self.region_head = nn.Linear(embed_dim, projection_dim, bias=False) if "region" in projection_heads else None
         self.segmentation_head = SegmentationAuxHead(embed_dim, self.anatomy.num_regions) if segmentation_head else None
         self.finding_head = FindingHead(embed_dim, num_findings, finding_probe) if finding_head else None
         self.gradient_checkpointing = gradient_checkpointing
+        self._register_load_state_dict_pre_hook(rename_legacy_head_keys)
 
     @property
     def num_regions(self) -> int:
@@ -126,41 +141,65 @@ class AnatomyAwareCTEncoder(nn.Module):
         return self.forward_features(image)["global_embedding"]
 
     def forward_features(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        if image.ndim != 5 or image.shape[1] != 2:
-            raise ValueError(f"expected image (B, 2, D, H, W) = CT and label map, got {tuple(image.shape)}")
+        if image.dim() != 5 or image.shape[1] != 2:
+            raise ValueError(f"expected image (B, 2, D, H, W) = CT and label map, got {list(image.shape)}")
         ct, label_map = image[:, :1], image[:, 1:]
         x, grid = self.patch_embed(ct)  # (B, 1 + N, C)
-        assignment = self.anatomy.assign(label_map)
-        patch_to_region = assignment["patch_to_region"]  # (B, N, R)
+        out = self.anatomy.assign(label_map)  # patch_to_region (B, N, R), background_fraction, region_present
+        patch_to_region = out["patch_to_region"]
         positions = patch_grid_positions(grid, device=x.device)  # (N, 3)
-        token_slices = F.pad(positions[:, 0], (1, 0), value=-1)  # (1 + N,): CLS marked -1
-        for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(self._run_block, block, x, token_slices, patch_to_region, use_reentrant=False)
+        cls_slice = torch.full([1], -1, dtype=positions.dtype, device=positions.device)
+        token_slices = torch.cat([cls_slice, positions[:, 0]])  # (1 + N,): CLS marked -1
+        num_slice_rows = grid[0]
+        for index, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and self.training and not torch.jit.is_scripting():
+                x = self._checkpointed_block(index, x, token_slices, num_slice_rows, patch_to_region)
+            elif block.uses_regions:
+                regions = self.anatomy.region_tokens(x[:, 1:], patch_to_region)  # (B, R, C) from this block's input
+                x = block(x, token_slices, num_slice_rows, regions, patch_to_region)
             else:
-                x = self._run_block(block, x, token_slices, patch_to_region)
+                x = block(x, token_slices, num_slice_rows)
         x = self.norm(x)
         cls, local = x[:, 0], x[:, 1:]  # (B, C), (B, N, C)
-        out = {
-            "global_features": local.mean(1),
-            "local_features": local,
-            "region_features": self.anatomy.region_tokens(local, patch_to_region),
-            "cls_token": cls,
-            "patch_positions": positions[None].expand(x.shape[0], -1, -1),
-            **assignment,
-        }
-        for name, head in self.heads.items():
-            out[f"{name}_embedding"] = F.normalize(head(out[f"{name}_features"]), dim=-1)
+        out["global_features"] = local.mean(1)
+        out["local_features"] = local
+        out["region_features"] = self.anatomy.region_tokens(local, patch_to_region)
+        out["cls_token"] = cls
+        out["patch_positions"] = positions[None].expand(x.shape[0], -1, -1)
+        out["global_embedding"] = F.normalize(self.global_head(out["global_features"]), dim=-1)
+        if self.local_head is not None:
+            out["local_embedding"] = F.normalize(self.local_head(local), dim=-1)
+        if self.region_head is not None:
+            out["region_embedding"] = F.normalize(self.region_head(out["region_features"]), dim=-1)
         if self.segmentation_head is not None:
             out["segmentation_logits"] = self.segmentation_head(local)
         if self.finding_head is not None:
             out["finding_logits"] = self.finding_head(out["global_features"])
         return out
 
-    def _run_block(
-        self, block: TransformerBlock, x: torch.Tensor, token_slices: torch.Tensor, patch_to_region: torch.Tensor
+    @torch.jit.unused
+    def _checkpointed_block(
+        self,
+        index: int,
+        x: torch.Tensor,
+        token_slices: torch.Tensor,
+        num_slice_rows: int,
+        patch_to_region: torch.Tensor,
     ) -> torch.Tensor:
+        """Block ``index`` under activation checkpointing (training only; excluded from TorchScript)."""
+        return checkpoint(self._run_block, index, x, token_slices, num_slice_rows, patch_to_region, use_reentrant=False)
+
+    @torch.jit.unused
+    def _run_block(
+        self,
+        index: int,
+        x: torch.Tensor,
+        token_slices: torch.Tensor,
+        num_slice_rows: int,
+        patch_to_region: torch.Tensor,
+    ) -> torch.Tensor:
+        block = self.blocks[index]
         if not block.uses_regions:
-            return block(x, token_slices)
+            return block(x, token_slices, num_slice_rows)
         regions = self.anatomy.region_tokens(x[:, 1:], patch_to_region)  # (B, R, C) from this block's input
-        return block(x, token_slices, regions, patch_to_region)
+        return block(x, token_slices, num_slice_rows, regions, patch_to_region)
