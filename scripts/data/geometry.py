@@ -106,7 +106,7 @@ class ResolveGeometryd(MapTransform):
       (v2, ``*_fixed``) the header stays and a table spacing that differs is logged. A placeholder header
       (`is_placeholder_header`) never wins over a table: the table is used whatever ``source`` says.
     - **placeholder without a table**: the header's grid is used as stated (1 mm, origin 0), logged.
-    - **nibabel vs ITK**: the header is read a second time with SimpleITK (`itk_header_affine`); where
+    - **nibabel vs ITK**: a header in use is read a second time with SimpleITK (`itk_header_affine`); where
       ITK places the file elsewhere (sform and qform disagree, neither set) or cannot place it (a sheared
       grid), both are logged and nibabel's reading (MONAI's, sform first) is kept.
 
@@ -169,7 +169,6 @@ class ResolveGeometryd(MapTransform):
         image, label = d[image_key], d.get(label_key)
         table = d.get(self.table_key) or {}
         name = source_name(image)
-        self._compare_with_itk(image, name)
         header = np.asarray(image.affine, dtype=np.float64)
         placeholder = is_placeholder_header(header, image.meta)
         spacing = table.get("spacing_mm")
@@ -200,6 +199,8 @@ class ResolveGeometryd(MapTransform):
                         f"using the CT's table affine {_fmt(new)}",
                     )
                     label.affine = torch.as_tensor(new, dtype=torch.float64)
+                    label = None  # its header is not used: nothing to compare with ITK
+            image = None  # likewise
         elif spacing is not None and not np.allclose(header_spacing, spacing, rtol=self.rtol):
             self._log_once(
                 name,
@@ -214,6 +215,7 @@ class ResolveGeometryd(MapTransform):
                 f"{name}: the header states no grid (affine {_fmt(header)}, sform/qform unset or identity) and no "
                 "metadata table gives one; using it as stated",
             )
-        if isinstance(label, MetaTensor) and not label.meta.get("no_label_map", False):
-            self._compare_with_itk(label, source_name(label))
+        for arr in (image, label):  # the headers in use, read a second time by ITK
+            if isinstance(arr, MetaTensor):
+                self._compare_with_itk(arr, source_name(arr))
         return d

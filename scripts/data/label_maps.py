@@ -52,9 +52,10 @@ class CheckLabelIdsd(MapTransform):
        is looked up by name in ``class_names``. Ids whose names the v2 table gives other ids (a v1 mask:
        7 aorta becomes 52) are mapped to v2 and the mapping is logged once per file; a name that v2 does not
        know (``heart_myocardium``) refuses the case. A mask without a table is logged as unverifiable (a
-       warning for the first such file, then at INFO per file).
+       warning for the first such file, then at DEBUG per file).
     2. **Ids**: values outside ``[0, max id]`` or not whole (a probability map) refuse the case. Run this
        before the mask is cast to a compact integer type (a cast would wrap 318 to 62, a real organ).
+       An empty mask (all background) is accepted, logged once per file: no region tokens.
 
     Args:
         keys: the label key.
@@ -69,7 +70,8 @@ class CheckLabelIdsd(MapTransform):
         self.class_names = {int(k): str(v) for k, v in class_names.items()}
         self.id_of = {v: k for k, v in self.class_names.items()}
         self.max_id = max(self.class_names)
-        self._logged: set[str] = set()
+        self._logged: set[tuple[str, str]] = set()  # (file, what) logged in this process
+        self._unverifiable_warned = False
 
     def _check_table(self, labels: torch.Tensor, name: str) -> torch.Tensor:
         try:
@@ -77,13 +79,14 @@ class CheckLabelIdsd(MapTransform):
         except ValueError as err:
             raise BadCaseError(str(err)) from err
         if table is None:
-            if name not in self._logged:
-                level = logging.WARNING if not self._logged else logging.INFO
-                self._logged.add(name)
+            if (name, "no table") not in self._logged:
+                level = logging.DEBUG if self._unverifiable_warned else logging.WARNING
+                self._unverifiable_warned = True
+                self._logged.add((name, "no table"))
                 logger.log(
                     level,
                     f"{name}: the mask carries no label table; its ids are taken as TotalSegmentator v2 unverified"
-                    + (" (further masks without a table are logged at INFO)" if level == logging.WARNING else ""),
+                    + (" (further masks without a table are logged at DEBUG)" if level == logging.WARNING else ""),
                 )
             return labels
         present = [int(v) for v in torch.unique(labels).tolist() if v != 0 and float(v).is_integer()]
@@ -96,8 +99,8 @@ class CheckLabelIdsd(MapTransform):
         mapping = {i: self.id_of[table[i]] for i in present if i in table and self.id_of[table[i]] != i}
         if not mapping:
             return labels
-        if name not in self._logged:
-            self._logged.add(name)
+        if (name, "mapped") not in self._logged:
+            self._logged.add((name, "mapped"))
             shown = ", ".join(f"{i} {table[i]} -> {j}" for i, j in list(mapping.items())[:8])
             logger.warning(f"{name}: label table differs from TotalSegmentator v2; ids mapped by name: {shown}")
         lut = torch.arange(max(int(labels.max()) + 1, self.max_id + 1), dtype=torch.long)
@@ -119,6 +122,9 @@ class CheckLabelIdsd(MapTransform):
                     f"TotalSegmentator v2 ids 0..{self.max_id}"
                 )
             if not getattr(arr, "meta", {}).get("no_label_map", False):
+                if high == 0 and (name, "empty") not in self._logged:
+                    self._logged.add((name, "empty"))
+                    logger.warning(f"{name}: the mask is empty (all background); the case trains without region tokens")
                 mapped = self._check_table(labels, name)
                 if mapped is not labels:
                     d[key] = arr.clone()
