@@ -300,12 +300,26 @@ def test_v2_table_passes_and_a_missing_table_is_logged_as_unverifiable(
 
 
 def test_v1_numbering_without_a_table_fails_the_plausibility_check(preprocessing, base, tmp_path):
-    """No header to go by: the liver labelled 10 (v2 left upper lung lobe; v1 pancreas) is not air-filled."""
-    seg = base[1].copy()
-    seg[seg == LIVER] = 10
-    _refused(
-        preprocessing, _item(tmp_path, base, seg=seg), "case_seg.nii.gz: voxels labelled 10 (lung_upper_lobe_left)"
-    )
+    """No header to go by: the liver labelled 10 (v2 left upper lung lobe; v1 pancreas) is not air-filled,
+    and aerated lung labelled 15 (v2 esophagus; v1 right upper lobe) is not a solid organ."""
+    ct, seg, _ = base
+    as_lung = np.where(seg == LIVER, 10, seg).astype(np.uint8)
+    _refused(preprocessing, _item(tmp_path, base, seg=as_lung, name="a"), "a_seg.nii.gz: voxels labelled 10-14 (lung")
+    aerated = np.where(seg == LIVER, -850, ct).astype(np.int16)
+    as_esophagus = np.where(seg == LIVER, 15, seg).astype(np.uint8)
+    item = _item(tmp_path, base, ct=aerated, seg=as_esophagus, name="b")
+    _refused(preprocessing, item, "b_seg.nii.gz: voxels labelled 15 (esophagus) have median -850 HU")
+
+
+def test_a_consolidated_lobe_among_aerated_lobes_is_accepted(preprocessing, base, tmp_path):
+    """Pathology is not refused: a solid (consolidated) lobe passes while the lung field as a whole is air."""
+    ct, seg, _ = base
+    aerated = np.isin(seg, [6, 20])  # stomach and bowel made aerated lung (-850 HU), more voxels than the liver
+    assert aerated.sum() > (seg == LIVER).sum()
+    lungs = np.where(aerated, 10, np.where(seg == LIVER, 14, seg)).astype(np.uint8)
+    ct = np.where(aerated, -850, ct).astype(np.int16)
+    out = preprocessing(_item(tmp_path, base, ct=ct, seg=lungs))
+    assert (out["image"][1] == 14).any()
 
 
 # ---------------------------------------------------------------- report text and datalists
@@ -456,7 +470,7 @@ def test_fill_cache_shows_progress_and_a_mixed_epoch_never_crashes(preprocessing
     items = [good, nan_case, dict(good, case_id="good2"), empty_file, four_d, dict(good, case_id="good3")]
     dataset = CTReportDataset(items, preprocessing, cache_dir=str(tmp_path / "cache"), max_bad_fraction=0.5)
     with caplog.at_level(logging.WARNING):
-        assert dataset.fill_cache(num_workers=0) == 6
+        assert dataset.fill_cache(num_workers=2) == 6  # refusals in the workers reach this process
     assert "filling preprocessing cache (6 of 6 cases)" in capsys.readouterr().err
     assert dataset.refused_count == 3 and "3 of 6 cases refused while filling" in caplog.text
     assert dataset.fill_cache() == 0  # warm: nothing left to do

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from copy import deepcopy
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from monai.data import MetaTensor, PersistentDataset, list_data_collate
 from monai.data.utils import pickle_hashing
@@ -243,7 +244,10 @@ class CTReportDataset(PersistentDataset):
             logger.info(f"preprocessing cache {self.cache_dir}: all {len(self.data)} cases are cached")
             return 0
         logger.info(f"filling the preprocessing cache {self.cache_dir}: {len(todo)} of {len(self.data)} cases")
-        loader = DataLoader(_CacheFiller(self, todo), batch_size=None, num_workers=num_workers)
+        # its own generator: filling the cache draws nothing from the global RNG that training uses
+        loader = DataLoader(
+            _CacheFiller(self, todo), batch_size=None, num_workers=num_workers, generator=torch.Generator()
+        )
         desc = f"filling preprocessing cache ({len(todo)} of {len(self.data)} cases)"
         refused = sum(tqdm(loader, total=len(todo), desc=desc, unit="case", disable=rank != 0))
         if refused:

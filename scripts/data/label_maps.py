@@ -21,9 +21,9 @@ from .transforms import BadCaseError, source_name
 
 logger = logging.getLogger(__name__)
 
-# v2 classes whose voxels are air-filled (HU well below -400) or solid (well above), for the plausibility check
-AIR_FILLED = {10: "lung_upper_lobe_left", 11: "lung_lower_lobe_left", 12: "lung_upper_lobe_right"}
-AIR_FILLED.update({13: "lung_middle_lobe_right", 14: "lung_lower_lobe_right"})
+# v2 classes for the plausibility check: the lung lobes together are air-filled (median well below -400 HU),
+# each solid organ is not
+LUNG_LOBES = (10, 11, 12, 13, 14)
 SOLID = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 5: "liver", 15: "esophagus", 17: "thyroid_gland"}
 SOLID.update({25: "sacrum", 51: "heart", 52: "aorta"})
 
@@ -135,12 +135,13 @@ class CheckLabelIdsd(MapTransform):
 class CheckLabelPlausibilityd(MapTransform):
     """Refuse a mask whose ids do not look like TotalSegmentator v2 on its CT; needs no header.
 
-    Air-filled classes (the five lung lobes, v2 ids 10-14) must have a median below ``threshold_hu`` and
-    solid classes (liver, spleen, kidneys, esophagus, thyroid, sacrum, heart, aorta) a median above it,
-    each checked where it covers at least ``min_voxels`` voxels. A TotalSegmentator v1 mask read as v2
-    fails (v1 10-12 are pancreas and adrenals, v1 15 and 17 lung lobes where v2 has esophagus and
-    thyroid), and so does the mask of another CT. Run after `CheckSameGridd` and `RescaleToHUd` (same
-    grid, HU).
+    The five lung lobes together (v2 ids 10-14) must have a median below ``threshold_hu`` and each solid
+    class (liver, spleen, kidneys, esophagus, thyroid, sacrum, heart, aorta) a median above it, each
+    checked where it covers at least ``min_voxels`` voxels. A TotalSegmentator v1 mask read as v2 fails
+    (v1 10-12 are pancreas and adrenals; v1 15 and 17 are lung lobes where v2 has esophagus and
+    thyroid), and so does the mask of another CT. The lobes are judged together so that a consolidated
+    or collapsed lobe (real pathology) is not refused; only a lung field that is mostly not air is.
+    Run after `CheckSameGridd` and `RescaleToHUd` (same grid, HU).
 
     Args:
         keys: ``(image_key, label_key)``.
@@ -161,20 +162,16 @@ class CheckLabelPlausibilityd(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         image, label = (data[k] for k in self.keys)
         hu, ids = torch.as_tensor(image).float().flatten(), torch.as_tensor(label).flatten()
-        counts = torch.bincount(ids.long(), minlength=self.max_checked + 1)
-        for classes, air in ((AIR_FILLED, True), (SOLID, False)):
-            for class_id, class_name in classes.items():
-                if counts[class_id] < self.min_voxels:
-                    continue
-                median = float(hu[ids == class_id].median())
-                if (median < self.threshold_hu) != air:
-                    raise BadCaseError(
-                        f"{source_name(label)}: voxels labelled {class_id} ({class_name}) have median {median:.0f} HU "
-                        f"in {source_name(image)}, implausible for {'air-filled lung' if air else 'a solid organ'}: "
-                        "a mask numbered another way (TotalSegmentator v1?) or made on another CT"
-                    )
+        groups = [(torch.isin(ids, torch.tensor(LUNG_LOBES)), "10-14 (lung lobes)", True)]
+        groups += [(ids == class_id, f"{class_id} ({name})", False) for class_id, name in SOLID.items()]
+        for voxels, what, air in groups:
+            if int(voxels.sum()) < self.min_voxels:
+                continue
+            median = float(hu[voxels].median())
+            if (median < self.threshold_hu) != air:
+                raise BadCaseError(
+                    f"{source_name(label)}: voxels labelled {what} have median {median:.0f} HU in "
+                    f"{source_name(image)}, implausible for {'air-filled lungs' if air else 'a solid organ'}: "
+                    "a mask numbered another way (TotalSegmentator v1?) or made on another CT"
+                )
         return dict(data)
-
-    @property
-    def max_checked(self) -> int:
-        return max(max(AIR_FILLED), max(SOLID))
