@@ -3,8 +3,10 @@
 MONAI's `PersistentDataset` pickles whole MetaTensors, which must be read with ``weights_only=False``: a
 cache file that someone else wrote could then run code when it is loaded. Here a cached item is stored as
 ``{"format": CACHE_FORMAT, "item": ...}`` where each MetaTensor becomes ``{"__metatensor__": tensor,
-"meta": plain dict}`` (NumPy arrays become tensors or lists, enums their values, anything else its
-``str``), and is rebuilt on reading. A file in another form is refused by the reader.
+"meta": plain dict}`` and is rebuilt on reading. The meta keeps the keys of `KEPT_META` (the grid and
+the file name; the source file's raw NIfTI header fields, stale after resampling, are left out: they
+would triple the read time); NumPy arrays become tensors or lists, enums their values, anything else
+its ``str``. A file in another form is refused by the reader.
 """
 
 from __future__ import annotations
@@ -20,12 +22,22 @@ from monai.data import MetaTensor
 
 CACHE_FORMAT = "ct_report_cache/1"
 _TENSOR = "__metatensor__"
+KEPT_META = (
+    "affine",
+    "original_affine",
+    "spatial_shape",
+    "space",
+    "original_channel_dim",
+    "filename_or_obj",
+    "hu_rescaled",
+    "no_label_map",
+)
 
 
 def to_plain(value):
     """A copy of a (nested) item that holds only tensors, numbers, strings, ``None``, lists, tuples and dicts."""
     if isinstance(value, MetaTensor):
-        return {_TENSOR: value.as_tensor(), "meta": to_plain(dict(value.meta))}
+        return {_TENSOR: value.as_tensor(), "meta": to_plain({k: v for k, v in value.meta.items() if k in KEPT_META})}
     if isinstance(value, torch.Tensor) or value is None or isinstance(value, (str, int, float, bool)):
         return value
     if isinstance(value, np.ndarray):
