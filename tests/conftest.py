@@ -148,7 +148,9 @@ def _air_fraction(path) -> float:
 @pytest.fixture(scope="session")
 def ctrate_root(tmp_path_factory, sample_datalist, sample_dir):
     """CT-RATE layout: v1 + v2 copies of one volume, a second reconstruction of that scan, a volume
-    without mask and with a report longer than the tokenizer's limit, and one validation volume."""
+    without mask and with a report longer than the tokenizer's limit, and one validation volume. The v1
+    copies have blank headers (identity affine, as CT-RATE's raw volumes) and raw values; the metadata
+    table holds their rescale and DICOM geometry (spacing, orientation, position)."""
     root = tmp_path_factory.mktemp("ct_rate")
     crops = sorted(sample_datalist["training"], key=lambda it: -_air_fraction(sample_dir / it["image"]))
     sources = {  # the crops with the most air first, so the air check sees air
@@ -164,10 +166,12 @@ def ctrate_root(tmp_path_factory, sample_datalist, sample_dir):
         hu = np.asanyarray(ct.dataobj)
         rel = f"{f['patient']}/{f['scan']}/{name}"
         _save(hu, ct.affine, root / f"dataset/{f['split']}_fixed/{rel}", np.int16)  # v2: HU
-        _save(hu - INTERCEPT, ct.affine, root / f"dataset/{f['split']}/{rel}", np.int16)  # v1: raw
+        _save(hu - INTERCEPT, np.eye(4), root / f"dataset/{f['split']}/{rel}", np.int16)  # v1: raw, blank header
         if name != "train_2_a_1.nii.gz":
             _save(np.asanyarray(seg.dataobj), seg.affine, root / f"seg/{f['split']}/{rel}", np.uint8)
         zooms = [float(z) for z in ct.header.get_zooms()]
+        lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ct.affine  # the DICOM geometry CT-RATE's table holds
+        direction = lps[:3, :3] / np.linalg.norm(lps[:3, :3], axis=0)
         if name == "train_1_a_2.nii.gz":
             zooms[2] += 0.5  # the table disagrees with the header for this volume
         findings = LONG_FINDINGS if name == "train_2_a_1.nii.gz" else item["text"]
@@ -190,6 +194,8 @@ def ctrate_root(tmp_path_factory, sample_datalist, sample_dir):
                 "RescaleIntercept": INTERCEPT,
                 "XYSpacing": f"[{zooms[0]}, {zooms[1]}]",
                 "ZSpacing": zooms[2],
+                "ImageOrientationPatient": str([*direction[:, 0].tolist(), *direction[:, 1].tolist()]),
+                "ImagePositionPatient": str(lps[:3, 3].tolist()),
             }
         )
         case = len(labels[f["split"]])  # labels written for the test: alternate between cases, hiatal hernia never

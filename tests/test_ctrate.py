@@ -12,13 +12,14 @@ from monai.transforms import Compose
 from scripts.data import (
     FINDINGS,
     BadCaseError,
-    CompareSpacingd,
     CTReportDataset,
     RescaleToHUd,
+    ResolveGeometryd,
     build_ctrate_datalist,
     collate_reports,
     load_pairs,
     parse_volume_name,
+    read_cache_file,
 )
 from transformers import AutoTokenizer
 
@@ -66,29 +67,74 @@ def test_missing_mask_is_an_error_by_default(ctrate_root):
     with pytest.raises(ValueError, match=r"missing mask .*train_2_a_1\.nii\.gz"):
         build_ctrate_datalist(ctrate_root / "dataset", "training", seg_dir=ctrate_root / "seg")
     # no seg_dir: the default pattern below the download points at the CTs, which are not masks
-    with pytest.raises(ValueError, match="is the CT itself; set seg_dir"):
+    with pytest.raises(ValueError, match="which is this CT volume, not a mask: set seg_dir"):
         build_ctrate_datalist(ctrate_root / "dataset", "training", missing_seg="no_regions")
 
 
-def test_v1_and_v2_copies_give_identical_hu(ctrate_root, parser):
-    load = Compose(parser.get_parsed_content("load_transforms"))
+def _ctrate_item(ctrate_root, case_id, **kwargs):
+    items = build_ctrate_datalist(
+        ctrate_root / "dataset", "training", seg_dir=ctrate_root / "seg", missing_seg="no_regions", **kwargs
+    )
+    return next(it for it in items if it["case_id"] == case_id)
+
+
+def test_v1_and_v2_copies_give_identical_packed_crops(ctrate_root, parser, caplog):
+    """Issue 10.2: the v1 copy (blank identity header, raw values) and the v2 copy (real header, HU) of one
+    scan give the same packed network input: for v1 the metadata table is the geometry."""
+    preprocessing = parser.get_parsed_content("validate#preprocessing")
     outputs = {}
-    for version in ("v1", "v2"):
-        items = build_ctrate_datalist(
-            ctrate_root / "dataset",
-            "training",
-            seg_dir=ctrate_root / "seg",
-            missing_seg="no_regions",
-            volume_version=version,
-        )
-        item = next(it for it in items if it["case_id"] == "train_1_a_1")
-        assert ("rescale_slope" in item) == (version == "v1")
-        outputs[version] = load(item)
+    with caplog.at_level(logging.WARNING):
+        for version in ("v1", "v2"):
+            item = _ctrate_item(ctrate_root, "train_1_a_1", volume_version=version)
+            assert ("rescale_slope" in item) == (version == "v1")
+            assert item["table_geometry"]["source"] == ("table" if version == "v1" else "header")
+            outputs[version] = preprocessing(item)
     v1, v2 = outputs["v1"]["image"], outputs["v2"]["image"]
-    assert v1.dtype == v2.dtype == torch.int16  # cached compactly
+    assert v1.dtype == v2.dtype == torch.int16 and v1.shape == (2, 12, 32, 32)
+    assert (v2[1] > 0).any() and (v2[0] > -1000).any()  # real content, not all padding
     assert torch.equal(v1, v2)
-    voxel = tuple(int(s) // 2 for s in v1.shape)
-    assert v1[voxel] == v2[voxel]
+    # the decision is logged once, naming the v1 file, the table's values and the placeholder header
+    decision = [r.message for r in caplog.records if "grid from the metadata table" in r.message]
+    assert len(decision) == 1 and "train/train_1/train_1_a/train_1_a_1.nii.gz" in decision[0]
+    assert (
+        "placeholder header affine [[1.0, 0.0, 0.0, 0.0]" in decision[0] and "ImagePositionPatient" not in decision[0]
+    )
+    assert "position [" in decision[0] and "spacing [" in decision[0]
+    # keys only preprocessing needs do not reach the cache or the collate
+    assert not {"table_geometry", "rescale_slope", "rescale_intercept"} & set(outputs["v1"])
+
+
+def test_placeholder_header_never_wins_over_the_table(ctrate_root, parser, caplog):
+    """A v1 volume's blank header gives 1 mm voxels; the table's spacing wins even without orientation and
+    position, and even when the item says the header should win (a placeholder never does)."""
+    from monai.transforms import LoadImaged
+
+    item = _ctrate_item(ctrate_root, "train_1_a_1", volume_version="v1")
+    load = LoadImaged(["image", "seg"], image_only=True, ensure_channel_first=True)
+    spacing = item["table_geometry"]["spacing_mm"]
+    for geometry in (
+        dict(item["table_geometry"], orientation=None, position=None),
+        dict(item["table_geometry"], source="header"),
+    ):
+        out = ResolveGeometryd(["image", "seg"])(load(dict(item, table_geometry=geometry)))
+        assert out["image"].pixdim.tolist() == pytest.approx(spacing)
+    # with orientation and position the v1 grid is the v2 header's grid, entry for entry
+    v2 = load(_ctrate_item(ctrate_root, "train_1_a_1"))
+    assert torch.allclose(out["image"].affine, v2["image"].affine.double(), atol=1e-4)
+
+
+def test_mixed_v1_and_v2_volumes_collate_in_any_order(ctrate_root, parser):
+    """Issue 10.1: a batch mixing v1 and v2 volumes (v1 items carry rescale keys, v2 items do not) and items
+    with and without optional keys (cot) collates whatever the order."""
+    preprocessing = parser.get_parsed_content("validate#preprocessing")
+    v1 = preprocessing(_ctrate_item(ctrate_root, "train_1_a_1", volume_version="v1"))
+    v2 = preprocessing(_ctrate_item(ctrate_root, "train_1_a_2"))
+    v2_cot = dict(v2, cot="Step 1: the liver.")
+    for order in ([v1, v2, v2], [v2, v1, v1], [v1, v2_cot], [v2_cot, v1]):
+        batch = collate_reports(order)
+        assert batch["image"].shape == (len(order), 2, 12, 32, 32)
+        assert batch["case_id"] == [it["case_id"] for it in order]
+    assert collate_reports([v1, v2_cot])["cot"] == [None, "Step 1: the liver."]
 
 
 def test_air_check_refuses_raw_and_twice_rescaled_volumes(ctrate_root, parser):
@@ -107,19 +153,20 @@ def test_air_check_refuses_raw_and_twice_rescaled_volumes(ctrate_root, parser):
         RescaleToHUd("image")({**twice, "rescale_slope": 1.0, "rescale_intercept": INTERCEPT})
 
 
-def test_header_spacing_wins_and_is_logged_once(ctrate_root, caplog):
+def test_v2_header_spacing_wins_over_the_table_and_is_logged_once(ctrate_root, caplog):
     from monai.transforms import LoadImaged
 
-    items = build_ctrate_datalist(
-        ctrate_root / "dataset", "training", seg_dir=ctrate_root / "seg", missing_seg="no_regions"
-    )
-    item = next(it for it in items if it["case_id"] == "train_1_a_2")
-    compare = CompareSpacingd("image")
-    data = LoadImaged("image", image_only=True)(item)
+    item = _ctrate_item(ctrate_root, "train_1_a_2")  # its table's z spacing is 0.5 mm off the header
+    resolve = ResolveGeometryd(["image", "seg"])
+    data = LoadImaged(["image", "seg"], image_only=True)(item)
+    header = data["image"].pixdim.clone()
     with caplog.at_level(logging.WARNING):
-        out = compare(compare(data))
+        out = resolve(resolve(data))
     assert caplog.text.count("differs from the metadata table") == 1
-    assert torch.equal(out["image"].pixdim, data["image"].pixdim)
+    assert (
+        f"header spacing {header.tolist()}" in caplog.text and str(item["table_geometry"]["spacing_mm"]) in caplog.text
+    )
+    assert torch.equal(out["image"].pixdim, header)
 
 
 def test_radgenome_region_sentences_are_used(ctrate_root, parser):
@@ -154,12 +201,12 @@ def test_persistent_cache_skips_bad_cases_and_stores_compact_types(ctrate_root, 
     )
     bad = dict(items[0], seg=str(sample_dir / "seg/upper_abdomen_dicom_00.nii.gz"))  # a mask of another CT
     transform = Compose(parser.get_parsed_content("load_transforms"))
-    dataset = CTReportDataset([bad] + items, transform, cache_dir=str(tmp_path / "cache"))
+    dataset = CTReportDataset([bad] + items, transform, cache_dir=str(tmp_path / "cache"), max_bad_fraction=0.25)
     with caplog.at_level(logging.WARNING):
         first = dataset[0]
     assert first["case_id"] == items[0]["case_id"]  # the next good case stands in
     assert "upper_abdomen_dicom_00.nii.gz" in caplog.text and list(dataset.bad_cases) == [0]
-    cached = [torch.load(p, weights_only=False) for p in (tmp_path / "cache").glob("*.pt")]
+    cached = [read_cache_file(p) for p in (tmp_path / "cache").glob("*.pt")]
     assert cached and all(c["image"].dtype == torch.int16 and c["seg"].dtype == torch.uint8 for c in cached)
     strict = CTReportDataset([bad], transform, cache_dir=None, skip_bad_cases=False)
     with pytest.raises(BadCaseError, match="label grid"):

@@ -217,11 +217,11 @@ def _shifted_ids(src: str, dst, offset: float) -> str:
     return str(dst)
 
 
-def test_label_maps_that_are_not_totalsegmentator_ids_are_refused(liver_case, tmp_path):
+def test_label_maps_that_are_not_totalsegmentator_ids_are_refused(liver_case, tmp_path, region_map):
     from monai.transforms import LoadImaged
     from scripts.data import BadCaseError, CheckLabelIdsd
 
-    check = CheckLabelIdsd("seg", max_id=117)
+    check = CheckLabelIdsd("seg", class_names=region_map.class_names)
     for name, offset in (("ids_plus_300.nii.gz", 300.0), ("probabilities.nii.gz", 0.5)):
         seg = LoadImaged("seg", image_only=True)({"seg": _shifted_ids(liver_case["seg"], tmp_path / name, offset)})
         with pytest.raises(BadCaseError, match=name):
@@ -241,7 +241,9 @@ def test_unreadable_and_replaced_files(demo_parser, liver_case, tmp_path, caplog
     corrupt.write_bytes(open(liver_case["image"], "rb").read()[:2000])  # a truncated gzip stream
     good = dict(liver_case, text="t", labels=[float("nan")] * 18)
     transform = Compose(demo_parser.get_parsed_content("load_transforms"))
-    dataset = CTReportDataset([dict(good, image=str(corrupt)), good], transform, cache_dir=str(tmp_path / "cache"))
+    dataset = CTReportDataset(
+        [dict(good, image=str(corrupt)), good], transform, cache_dir=str(tmp_path / "cache"), max_bad_fraction=0.5
+    )
     with caplog.at_level(logging.WARNING):
         assert dataset[0]["image"].shape[0] == 1  # the readable case stands in
     assert "corrupt.nii.gz (image) unreadable" in caplog.text and list(dataset.bad_cases) == [0]
@@ -296,7 +298,7 @@ def test_unreadable_cache_file_is_recomputed_and_multichannel_ct_refused(demo_pa
     dataset = CTReportDataset([good], transform, cache_dir=str(cache))
     with caplog.at_level(logging.WARNING):
         assert torch.equal(dataset[0]["image"], expected)
-    assert "cache file unreadable" in caplog.text and cached.name in caplog.text and not dataset.bad_cases
+    assert "cache file refused" in caplog.text and cached.name in caplog.text and not dataset.bad_cases
     # a 4-D NIfTI (two volumes in one file) is two channels after loading: refused by name
     img = nib.load(liver_case["image"])
     two = np.stack([np.asanyarray(img.dataobj)] * 2, axis=-1)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
+from scripts.data import read_cache_file
 
 
 def main() -> None:
@@ -60,7 +61,7 @@ def main() -> None:
                 if name == "cold":
                     cached_stage(dict(dataset.data[i]))
                 else:
-                    torch.load(files[i % len(files)], weights_only=False)
+                    read_cache_file(files[i % len(files)])
                 stage.append(time.perf_counter() - start)
             timings[name] = (statistics.mean(per_volume), statistics.mean(stage))
         window_s = []
@@ -70,7 +71,7 @@ def main() -> None:
             window_s.append(time.perf_counter() - start)
         files = sorted(Path(cache).glob("*.pt"))
         disk = statistics.mean(f.stat().st_size for f in files)
-        cached = [torch.load(f, weights_only=False) for f in files]
+        cached = [read_cache_file(f) for f in files]
         memory = statistics.mean(
             sum(v.element_size() * v.numel() for v in c.values() if isinstance(v, torch.Tensor)) for c in cached
         )

@@ -9,7 +9,9 @@ ships, under one root (any depth):
 - ``train_reports.csv`` / ``validation_reports.csv``: ``VolumeName, ClinicalInformation_EN, Technique_EN,
   Findings_EN, Impressions_EN``;
 - ``train_metadata.csv`` / ``validation_metadata.csv``: ``VolumeName``, ``RescaleSlope``,
-  ``RescaleIntercept``, ``XYSpacing`` (``"[0.7, 0.7]"``), ``ZSpacing`` among others;
+  ``RescaleIntercept``, ``XYSpacing`` (``"[0.7, 0.7]"``), ``ZSpacing``, ``ImageOrientationPatient``
+  (``"[1, 0, 0, 0, 1, 0]"``), ``ImagePositionPatient`` among others. The v1 volumes' headers are blank
+  (identity affine): for them this table is the geometry; the v2 headers were rebuilt from it;
 - ``train_predicted_labels.csv`` / ``valid_predicted_labels.csv``: ``VolumeName`` and the 18 abnormality
   columns of `FINDINGS`;
 - optionally RadGenome-ChestCT's region sentences ``*_region_report.csv``: ``Volumename, Anatomy, Sentence``.
@@ -90,21 +92,52 @@ def _find_table(root: Path, split: str, pattern: str) -> Path | None:
     return hits[0] if hits else None
 
 
-def _index_volumes(root: Path, split: str) -> dict[str, dict[str, Path]]:
-    """VolumeName -> {"v1": path, "v2": path} for the volumes of one split."""
+def _index_volumes(root: Path, split: str, exclude: Path | None) -> tuple[dict[str, dict[str, Path]], list[str]]:
+    """VolumeName -> {"v1": path, "v2": path} for the volumes of one split, and the names found twice.
+
+    Files below ``exclude`` (the mask folder, when it lies inside the download) are never taken for CTs.
+    """
     found: dict[str, dict[str, Path]] = {}
+    twice = []
     for folder, version in ((split, "v1"), (f"{split}_fixed", "v2")):
-        for path in root.rglob(f"{folder}/*/*/*.nii.gz"):
+        for path in sorted(root.rglob(f"{folder}/*/*/*.nii.gz")):
+            if exclude is not None and path.resolve().is_relative_to(exclude):
+                continue
+            if version in found.get(path.name, {}):
+                twice.append(f"{path.name}: two {version} copies, {found[path.name][version]} and {path}")
             found.setdefault(path.name, {})[version] = path
-    return found
+    return found, twice
 
 
-def _xy_spacing(value) -> float | None:
-    """CT-RATE ``XYSpacing`` ("[0.75, 0.75]") -> 0.75; ``None`` when missing."""
+def _parse_list(value, length: int) -> list[float] | None:
+    """A CT-RATE list cell (``"[0.75, 0.75]"``, or a bare number for length 1) as floats; ``None`` when
+    missing. Raises ``ValueError`` for a cell of another length."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     parsed = ast.literal_eval(value) if isinstance(value, str) else value
-    return float(parsed[0] if isinstance(parsed, (list, tuple)) else parsed)
+    values = [float(v) for v in (parsed if isinstance(parsed, (list, tuple)) else [parsed])]
+    if len(values) != length:
+        raise ValueError(f"expected {length} values, got {value!r}")
+    return values
+
+
+def _table_geometry(meta, version: str) -> dict:
+    """The metadata table's geometry of one volume, for `scripts.data.ResolveGeometryd` (``source``: which wins)."""
+    geometry = {"source": "table" if version == "v1" else "header", "spacing_mm": None}
+    geometry["orientation"] = geometry["position"] = None
+    if meta is None:
+        return geometry
+    xy, z = _parse_list(meta.get("XYSpacing"), 2), _parse_list(meta.get("ZSpacing"), 1)
+    if xy is not None and z is not None:
+        geometry["spacing_mm"] = [xy[0], xy[1], z[0]]
+    geometry["orientation"] = _parse_list(meta.get("ImageOrientationPatient"), 6)
+    geometry["position"] = _parse_list(meta.get("ImagePositionPatient"), 3)
+    return geometry
+
+
+def _first(names, n: int = 5) -> str:
+    names = sorted(names)
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
 def build_ctrate_datalist(
@@ -123,14 +156,20 @@ def build_ctrate_datalist(
     Each item: ``image``, ``seg`` (absent when the mask is missing and ``missing_seg="no_regions"``),
     ``text`` (findings + impression, fitted to ``max_length`` tokens keeping the impression when a
     tokenizer is given), ``study`` (the scan), ``case_id`` (the volume stem), ``labels`` (18 floats, NaN
-    when unknown), ``metadata_spacing_mm`` (x, y, z from the metadata table), ``rescale_slope`` and
-    ``rescale_intercept`` (v1 volumes only), and when available ``region_sentences`` (RadGenome) and
-    ``cot``.
+    when unknown), ``table_geometry`` (the metadata table's spacing, orientation and position, and which
+    source wins: the table for v1, the header for v2; see `scripts.data.ResolveGeometryd`),
+    ``rescale_slope`` and ``rescale_intercept`` (v1 volumes only), and when available
+    ``region_sentences`` (RadGenome) and ``cot``. The keys only preprocessing needs (``table_geometry``,
+    ``rescale_*``) are dropped by the load chain before the cache.
+
+    Logged per split: table rows without a volume on disk (a partial download) and volumes without a
+    report row (skipped: no text to pair with), each with a count and the first names.
 
     Args:
         dataset_dir: the CT-RATE root.
         section: ``"training"`` (CT-RATE ``train``) or ``"validation"`` (``valid``).
-        seg_dir: root of the TotalSegmentator masks; ``None`` = ``dataset_dir``.
+        seg_dir: root of the TotalSegmentator masks; ``None`` = ``dataset_dir``. Files below it are never
+            taken for CT volumes, even when it lies inside ``dataset_dir``.
         seg_pattern: mask path below ``seg_dir``, formatted with ``split``, ``patient``, ``scan``,
             ``reconstruction``, ``volume`` (file name) and ``stem``.
         missing_seg: ``"error"`` (stop, listing the volumes) or ``"no_regions"`` (train without region
@@ -142,8 +181,9 @@ def build_ctrate_datalist(
         cot_file: optional JSON ``{VolumeName: chain-of-thought text or list of steps}``.
 
     Raises:
-        ValueError: unknown section or option; no volumes; volumes without a report row, v1 volumes
-            without rescale metadata, or (with ``missing_seg="error"``) without a mask: listed by name.
+        ValueError: unknown section or option; no volumes; a volume found twice; v1 volumes without
+            rescale or spacing metadata; malformed geometry cells; a mask path that is the CT itself; or
+            (with ``missing_seg="error"``) volumes without a mask: listed by name.
     """
     if section not in SPLITS:
         raise ValueError(f"section must be one of {tuple(SPLITS)}, got {section!r}")
@@ -153,10 +193,12 @@ def build_ctrate_datalist(
         )
     root, split = Path(dataset_dir), SPLITS[section]
     seg_root = Path(seg_dir) if seg_dir is not None else root
-    volumes = _index_volumes(root, split)
+    exclude = seg_root.resolve() if not root.resolve().is_relative_to(seg_root.resolve()) else None
+    volumes, twice = _index_volumes(root, split, exclude)
     if not volumes:
         raise ValueError(
             f"{root}: no CT-RATE volumes under {split}/ or {split}_fixed/ (<patient>/<scan>/<volume>.nii.gz)"
+            + (f" outside the mask folder {seg_root}" if exclude is not None else "")
         )
     reports_csv = _find_table(root, split, "*_reports.csv")
     if reports_csv is None:
@@ -177,13 +219,22 @@ def build_ctrate_datalist(
             )
     cot = json.loads(Path(cot_file).read_text()) if cot_file else {}
 
-    items, problems, missing_masks, shortened = [], [], [], 0
-    for name in sorted(volumes):
+    no_volume = set(reports.index) - set(volumes)
+    if no_volume:
+        logger.warning(
+            f"{root} [{section}]: {len(no_volume)} of {len(reports)} rows of {reports_csv.name} have no volume on "
+            f"disk (a partial download?); first: {_first(no_volume)}"
+        )
+    no_row = set(volumes) - set(reports.index)
+    if no_row:
+        logger.warning(
+            f"{root} [{section}]: {len(no_row)} of {len(volumes)} volumes have no row in {reports_csv.name} and are "
+            f"skipped (no report to pair with); first: {_first(no_row)}"
+        )
+    items, problems, missing_masks, shortened = [], list(twice), [], 0
+    for name in sorted(set(volumes) - no_row):
         fields = parse_volume_name(name)
         version = volume_version if volume_version in volumes[name] else next(iter(volumes[name]))
-        if name not in reports.index:
-            problems.append(f"{name}: no row in {reports_csv.name} (missing report)")
-            continue
         report = reports.loc[name]
         if tokenizer is not None:
             text, cut = fit_report(report.get("Findings_EN"), report.get("Impressions_EN"), tokenizer, max_length)
@@ -195,13 +246,19 @@ def build_ctrate_datalist(
             continue
         item = {"image": str(volumes[name][version]), "text": text, "study": fields["scan"], "case_id": fields["stem"]}
         meta = metadata.loc[name] if metadata is not None and name in metadata.index else None
-        if meta is not None:
-            xy = _xy_spacing(meta.get("XYSpacing"))
-            if xy is not None and not pd.isna(meta.get("ZSpacing")):
-                item["metadata_spacing_mm"] = [xy, xy, float(meta["ZSpacing"])]
+        try:
+            item["table_geometry"] = _table_geometry(meta, version)
+        except (ValueError, SyntaxError) as err:
+            problems.append(f"{name}: malformed geometry in {metadata_csv.name}: {err}")
+            continue
         if version == "v1":
             if meta is None or pd.isna(meta.get("RescaleSlope")) or pd.isna(meta.get("RescaleIntercept")):
                 problems.append(f"{name}: v1 volume without RescaleSlope/RescaleIntercept in the metadata table")
+                continue
+            if item["table_geometry"]["spacing_mm"] is None:
+                problems.append(
+                    f"{name}: v1 volume (blank header) without XYSpacing/ZSpacing in the metadata table: no geometry"
+                )
                 continue
             item["rescale_slope"], item["rescale_intercept"] = float(meta["RescaleSlope"]), float(
                 meta["RescaleIntercept"]
@@ -209,8 +266,8 @@ def build_ctrate_datalist(
         seg = seg_root / seg_pattern.format(**fields)
         if seg.resolve() in {Path(v).resolve() for v in volumes[name].values()}:
             problems.append(
-                f"{name}: the mask path {seg} is the CT itself; set seg_dir to the TotalSegmentator "
-                "output folder (and seg_pattern to its layout)"
+                f"{name}: seg_dir {seg_root} with seg_pattern {seg_pattern!r} gives {seg}, which is this CT volume, "
+                "not a mask: set seg_dir to the folder of the TotalSegmentator outputs (and seg_pattern to its layout)"
             )
             continue
         if seg.is_file():
@@ -238,6 +295,7 @@ def build_ctrate_datalist(
             f"{root} [{section}]: {len(problems)} problem(s):\n  {shown}"
             + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         )
+    logger.info(f"{root} [{section}]: {len(items)} cases from {len(volumes)} volumes and {len(reports)} report rows")
     if tokenizer is not None:
         logger.info(
             f"{root} [{section}]: {shortened} of {len(items)} reports exceed {max_length} tokens; "

@@ -49,8 +49,9 @@ def load_datalist(
     (report text) and ``study`` (items of one study share one report: several reconstructions of one
     scan). Optional: ``case_id`` (default: the image file name without extension), ``labels`` (the 18
     CT-RATE findings as a list in `FINDINGS` order or a ``{finding: 0/1}`` dict; missing = unknown),
-    ``cot`` (chain-of-thought text or steps), ``region_sentences``. Relative paths are taken from
-    ``base_dir`` (default: the datalist's folder).
+    ``cot`` (chain-of-thought text or steps), ``region_sentences``, ``patient``. Relative paths are taken
+    from ``base_dir`` (default: the datalist's folder). Items of a section other than ``training`` that
+    share a ``patient``, a ``study`` or a CT file with the training list are reported in a warning.
 
     Args:
         missing_seg: ``"error"`` (an item without ``seg`` is a problem) or ``"no_regions"`` (it trains
@@ -104,11 +105,38 @@ def load_datalist(
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise ValueError(f"{datalist_path} [{section}]: {len(problems)} problem(s):\n  {shown}{more}")
+    if section != "training":
+        _report_shared_patients(datalist_path, section, resolved, json.loads(datalist_path.read_text()), base)
     if without_seg:
         logger.warning(
             f"{datalist_path} [{section}]: {without_seg} of {len(resolved)} items have no mask; they train without region tokens"
         )
     return resolved
+
+
+def _report_shared_patients(datalist_path: Path, section: str, items: list[dict], datalist: dict, base: Path) -> None:
+    """Warn when items of ``section`` share a patient (``patient`` key), a study or a CT file with the
+    training list: their scores would measure memory, not generalisation."""
+    training = datalist.get("training") or []
+    seen: dict[tuple[str, str], int] = {}
+    for index, item in enumerate(training):
+        if isinstance(item.get("image"), str) and item["image"]:
+            seen[("CT", str((base / item["image"]).resolve()))] = index
+        for key in ("patient", "study"):
+            if key in item:
+                seen[(key, str(item[key]))] = index
+    shared = []
+    for index, item in enumerate(items):
+        keys = [("patient", str(item["patient"]))] if "patient" in item else []
+        keys += [("study", str(item["study"])), ("CT", str(Path(item["image"]).resolve()))]
+        hit = next((k for k in keys if k in seen), None)
+        if hit is not None:
+            shared.append(f"item {index} ({item['case_id']}) and training item {seen[hit]} share {hit[0]} {hit[1]}")
+    if shared:
+        logger.warning(
+            f"{datalist_path} [{section}]: {len(shared)} of {len(items)} items share a patient, study or CT with the "
+            f"training list, so their scores are optimistic; first: " + "; ".join(shared[:3])
+        )
 
 
 def load_pairs(

@@ -26,7 +26,7 @@ class BadCaseError(ValueError):
     """A case that must not be trained on (wrong grid, wrong HU scale, too few slices); names the file."""
 
 
-def _source_name(img: torch.Tensor) -> str:
+def source_name(img: torch.Tensor) -> str:
     """The file a MetaTensor was loaded from, or a placeholder."""
     meta = getattr(img, "meta", {})
     return str(meta.get("filename_or_obj", "<in-memory image>"))
@@ -64,15 +64,15 @@ class CheckSameGridd(MapTransform):
         for arr in (image, label):
             if arr.shape[0] != 1:
                 raise BadCaseError(
-                    f"{_source_name(arr)}: {arr.shape[0]} channels after loading (a 4-D or multi-component "
+                    f"{source_name(arr)}: {arr.shape[0]} channels after loading (a 4-D or multi-component "
                     "file?); expected one 3-D volume"
                 )
         image_affine = np.asarray(image.affine, dtype=np.float64)
         label_affine = np.asarray(label.affine, dtype=np.float64)
         if image.shape[1:] != label.shape[1:] or not np.allclose(image_affine, label_affine, rtol=0, atol=self.atol_mm):
             raise BadCaseError(
-                f"{_source_name(label)}: label grid {tuple(label.shape[1:])} with affine "
-                f"{np.round(label_affine, 3).tolist()} differs from image {_source_name(image)} grid "
+                f"{source_name(label)}: label grid {tuple(label.shape[1:])} with affine "
+                f"{np.round(label_affine, 3).tolist()} differs from image {source_name(image)} grid "
                 f"{tuple(image.shape[1:])} with affine {np.round(image_affine, 3).tolist()} (compared in RAS)"
             )
         return d
@@ -148,47 +148,8 @@ class FillMissingLabelMapd(MapTransform):
         d = dict(data)
         if d.get(self.label_key) is None:
             image = d[self.image_key]
-            d[self.label_key] = MetaTensor(
-                torch.zeros_like(image.as_tensor(), dtype=torch.uint8), meta=dict(image.meta)
-            )
-        return d
-
-
-class CompareSpacingd(MapTransform):
-    """Log (once per volume) where the NIfTI header's voxel spacing disagrees with the metadata table.
-
-    Run it right after loading, before any reorientation. The header wins: nothing is changed. Items
-    without the metadata entry pass silently.
-
-    Args:
-        keys: the image key.
-        spacing_key: item key of the table's spacing ``(x, y, z)`` in mm (CT-RATE ``XYSpacing``, ``ZSpacing``).
-        rtol: relative tolerance.
-    """
-
-    def __init__(self, keys: KeysCollection, spacing_key: str = "metadata_spacing_mm", rtol: float = 0.01) -> None:
-        super().__init__(keys)
-        self.spacing_key = spacing_key
-        self.rtol = rtol
-        self._reported: set[str] = set()
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        table = d.get(self.spacing_key)
-        if table is None:
-            return d
-        for key in self.keys:
-            header = np.asarray(d[key].pixdim, dtype=np.float64)[:3]
-            name = _source_name(d[key])
-            if (
-                not np.allclose(header, np.asarray(table, dtype=np.float64), rtol=self.rtol)
-                and name not in self._reported
-            ):
-                self._reported.add(name)
-                logger.warning(
-                    f"{name}: header spacing {header.round(4).tolist()} mm differs from the metadata "
-                    f"table {list(table)} mm; using the header"
-                )
+            meta = dict(image.meta, no_label_map=True)  # no label table to check, no header to compare
+            d[self.label_key] = MetaTensor(torch.zeros_like(image.as_tensor(), dtype=torch.uint8), meta=meta)
         return d
 
 
@@ -200,6 +161,9 @@ class RescaleToHUd(MapTransform):
     and recorded in the image's meta (``hu_rescaled``), so a second application raises. Items without
     a rescale (CT-RATE v2, which is already in HU) are left as they are.
 
+    A floating-point volume with NaN or infinite voxels is refused: resampling would spread them and the
+    integer cache could not hold them.
+
     The air check takes the 1st percentile of the voxels above -1500 HU (outside-field padding such as
     -2048 or -3024 excluded) and requires it within ``air_hu``: a raw volume (air near 0) or a volume
     rescaled twice (air near -2024) fails. Switch it off for crops that may contain no air.
@@ -210,7 +174,8 @@ class RescaleToHUd(MapTransform):
         check_air: run the air check.
 
     Raises:
-        BadCaseError: the air check fails, or the image was already rescaled; the message names the file.
+        BadCaseError: NaN or infinite voxels, the air check fails, or the image was already rescaled; the
+            message names the file.
         ValueError: ``check_air`` is not a bool.
     """
 
@@ -226,7 +191,11 @@ class RescaleToHUd(MapTransform):
         slope, intercept = d.get("rescale_slope"), d.get("rescale_intercept")
         for key in self.keys:
             image = d[key]
-            name = _source_name(image)
+            name = source_name(image)
+            if image.is_floating_point():
+                bad = int((~torch.isfinite(image.as_tensor())).sum())
+                if bad:
+                    raise BadCaseError(f"{name}: {bad} voxels are NaN or infinite; expected finite HU everywhere")
             if slope is not None and intercept is not None:
                 if image.meta.get("hu_rescaled", False):
                     raise BadCaseError(f"{name}: already rescaled to HU; refusing to rescale twice")
@@ -246,33 +215,6 @@ class RescaleToHUd(MapTransform):
         return d
 
 
-class CheckLabelIdsd(MapTransform):
-    """Refuse a label map that is not TotalSegmentator v2 ids: values outside ``[0, max_id]`` or not whole.
-
-    Run it before the label map is cast to a compact integer type (a cast would wrap 318 to 62, a real
-    organ). A probability map or a label map of another class set is refused instead of read as anatomy.
-
-    Raises:
-        BadCaseError: the message names the file and the offending values.
-    """
-
-    def __init__(self, keys: KeysCollection, max_id: int = 117) -> None:
-        super().__init__(keys)
-        self.max_id = int(max_id)
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        for key in self.keys:
-            labels = data[key].as_tensor() if hasattr(data[key], "as_tensor") else torch.as_tensor(data[key])
-            low, high = float(labels.min()), float(labels.max())
-            if low < 0 or high > self.max_id or not torch.equal(labels, labels.round()):
-                found = torch.unique(labels)[:10].tolist()
-                raise BadCaseError(
-                    f"{_source_name(data[key])}: label values in [{low:g}, {high:g}] (first: {found}) are not "
-                    f"TotalSegmentator v2 ids 0..{self.max_id}"
-                )
-        return dict(data)
-
-
 class CheckMinSlicesd(MapTransform):
     """Refuse a volume with fewer than ``min_slices`` slices (a scout or a partial series).
 
@@ -290,7 +232,7 @@ class CheckMinSlicesd(MapTransform):
         for key in self.keys:
             if data[key].shape[-1] < self.min_slices:
                 raise BadCaseError(
-                    f"{_source_name(data[key])}: {data[key].shape[-1]} slices, fewer than {self.min_slices}"
+                    f"{source_name(data[key])}: {data[key].shape[-1]} slices, fewer than {self.min_slices}"
                 )
         return dict(data)
 
