@@ -201,7 +201,7 @@ def _seed_section(seed: Optional[dict]) -> list[str]:
     return lines + [
         f"Command: `{seed['command']}` ({seed['date']}; {seed['machine']['cpu']}, {seed['threads']} threads). "
         f"The `network_def` of `configs/train.json` as built on a CPU (`attention_impl` `{seed['attention_impl']}`, "
-        f"12 blocks, width 768), float32, inference, on one real CT + mask (`tests/data/sample/{seed['ct']}`, "
+        f"12 blocks, width 768), float32, inference, on a crop of a real CT + mask (`tests/data/sample/{seed['ct']}`, "
         "prepared by the validation chain at 0.75 x 0.75 x 5 mm and padded to 64 x 512 x 512; loading and "
         "resampling not timed), in a fresh process.",
         "",
