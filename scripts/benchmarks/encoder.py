@@ -238,7 +238,7 @@ def data_side(limit: int) -> dict:
     stdout = result.stdout
     figures = json.loads(stdout[stdout.index("{") :])  # the JSON object printed at the end
     return {
-        "command": " ".join(["python", *cmd[1:]]),
+        "preprocessing_command": " ".join(["python", *cmd[1:]]),
         "volumes": figures["volumes"],
         "input_size": figures["input_size"],
         "warm_volumes_per_s_per_worker": round(1 / figures["warm_s_per_volume"], 2),
