@@ -219,13 +219,14 @@ def _data_section(data: Optional[dict]) -> list[str]:
     if not data:
         return lines + ["Unmeasured.", ""]
     return lines + [
-        f"Command: `{data['command']}` ({data['date']}), which runs `{data['preprocessing_command']}`: it "
-        f"reads {data['volumes']} sample volumes through `configs/train.json`'s training chain (input "
-        f"{data['input_size']}) with a fresh cache: one worker delivers **{data['warm_volumes_per_s_per_worker']} volumes/s** from the preprocessing cache "
-        f"(cold, filling the cache: {data['cold_volumes_per_s_per_worker']} volumes/s). With `num_workers` "
-        "workers the loader delivers about that many times more, to compare with the training rate below. "
-        "These are the bundled sample crops (padded to the input size); whole CT-RATE volumes cost more to "
-        "load cold, and the warm read is what a training epoch after the first sees.",
+        f"Command: `{data['command']}` ({data['date']}), which runs `{data['preprocessing_command']}`: "
+        f"it reads {data['volumes']} sample volumes through `configs/train.json`'s training chain "
+        f"(input {data['input_size']}) with a fresh cache: one worker delivers "
+        f"**{data['warm_volumes_per_s_per_worker']} volumes/s** from the preprocessing cache (cold, filling "
+        f"the cache: {data['cold_volumes_per_s_per_worker']} volumes/s). With `num_workers` workers the "
+        "loader delivers about that many times more, to compare with the training rate below. These are "
+        "the bundled sample crops (padded to the input size); whole CT-RATE volumes cost more to load cold, "
+        "and the warm read is what a training epoch after the first sees.",
         "",
     ]
 
