@@ -40,3 +40,10 @@ def test_config_expressions_reach_submodules_after_import_scripts():
     loaded_before_use, num_prompts, module = json.loads(out)
     expected = json.loads((BUNDLE_ROOT / "configs/zero_shot_prompts.json").read_text())["templates"]
     assert not loaded_before_use and num_prompts == len(expected) and module.startswith("scripts.data")
+
+
+def test_unknown_attribute_is_an_attribute_error():
+    import scripts
+
+    assert "networks" in dir(scripts) and "evaluation" in dir(scripts)
+    assert not hasattr(scripts, "no_such_module")

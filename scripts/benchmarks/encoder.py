@@ -238,7 +238,7 @@ def data_side(limit: int) -> dict:
     stdout = result.stdout
     figures = json.loads(stdout[stdout.index("{") :])  # the JSON object printed at the end
     return {
-        "command": " ".join(["python", *cmd[1:]]),
+        "preprocessing_command": " ".join(["python", *cmd[1:]]),
         "volumes": figures["volumes"],
         "input_size": figures["input_size"],
         "warm_volumes_per_s_per_worker": round(1 / figures["warm_s_per_volume"], 2),
@@ -272,7 +272,7 @@ def seed_size_cpu(sample_index: int = 0) -> dict:
     image = config.get_parsed_content("input_window")(packed[None])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "input.pt"
-        torch.save(image.clone(), path)
+        torch.save(image.as_subclass(torch.Tensor).clone(), path)  # a plain tensor: the child has no MONAI
         del packed, image
         spec = {
             "variant": f"anatomy_{impl}",
@@ -307,7 +307,7 @@ def machine() -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 2048, 4096], help="CPU sweep")
+    parser.add_argument("--tokens", type=int, nargs="*", default=[512, 1024, 2048, 4096], help="CPU sweep (none: skip)")
     parser.add_argument("--depth", type=int, default=2, help="blocks in the CPU sweep (the seed has 12)")
     parser.add_argument("--batch", type=int, nargs="+", default=None, help="CPU: one size (1); CUDA: 1 8")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="CPU: float32; CUDA: bfloat16")
@@ -326,32 +326,29 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     env = [f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"] if os.environ.get("OMP_WAIT_POLICY") else []
     command = " ".join([*env, "python -m scripts.benchmarks.encoder", *(argv if argv is not None else sys.argv[1:])])
     stamp = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": machine()}
-    sections = {}
+
+    def record(name: str, section: dict) -> None:
+        """Merge one finished section into the results and rewrite both files (a later failure loses nothing)."""
+        results = merge_results(out_dir / "performance.json", {name: {**stamp, **section}})
+        (out_dir / "performance.md").write_text(report.markdown(results))
+        print(json.dumps({name: section}), flush=True)
+
     if args.device == "cuda":
         impls = args.impl or ["fused", "flex", "reference"]
         dtype = DTYPES[args.dtype or "bfloat16"]
-        figures = device_figures(torch.device("cuda"), impls, args.batch or [1, 8], dtype, args.repeats)
-        sections["cuda"] = {**stamp, **figures}
+        record("cuda", device_figures(torch.device("cuda"), impls, args.batch or [1, 8], dtype, args.repeats))
     else:
         impls = args.impl or ["fused", "reference"]
         batch = (args.batch or [1])[0]
         dtype = args.dtype or "float32"
-        rows = cpu_token_sweep(args.tokens, args.depth, batch, impls, dtype, args.repeats)
-        sections["cpu_tokens"] = {
-            **stamp,
-            "depth": args.depth,
-            "batch": batch,
-            "dtype": dtype,
-            "repeats": args.repeats,
-            "rows": rows,
-        }
+        if args.tokens:
+            rows = cpu_token_sweep(args.tokens, args.depth, batch, impls, dtype, args.repeats)
+            sweep = {"depth": args.depth, "batch": batch, "dtype": dtype, "repeats": args.repeats, "rows": rows}
+            record("cpu_tokens", sweep)
         if args.data_volumes:
-            sections["data"] = {**stamp, **data_side(args.data_volumes)}
+            record("data", data_side(args.data_volumes))
         if args.seed_size:
-            sections["cpu_seed_size"] = {**stamp, **seed_size_cpu()}
-            print(json.dumps(sections["cpu_seed_size"]), flush=True)
-    results = merge_results(out_dir / "performance.json", sections)
-    (out_dir / "performance.md").write_text(report.markdown(results))
+            record("cpu_seed_size", seed_size_cpu())
     print(f"wrote {out_dir / 'performance.json'} and {out_dir / 'performance.md'}")
 
 

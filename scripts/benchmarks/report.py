@@ -201,7 +201,7 @@ def _seed_section(seed: Optional[dict]) -> list[str]:
     return lines + [
         f"Command: `{seed['command']}` ({seed['date']}; {seed['machine']['cpu']}, {seed['threads']} threads). "
         f"The `network_def` of `configs/train.json` as built on a CPU (`attention_impl` `{seed['attention_impl']}`, "
-        f"12 blocks, width 768), float32, inference, on one real CT + mask (`tests/data/sample/{seed['ct']}`, "
+        f"12 blocks, width 768), float32, inference, on a crop of a real CT + mask (`tests/data/sample/{seed['ct']}`, "
         "prepared by the validation chain at 0.75 x 0.75 x 5 mm and padded to 64 x 512 x 512; loading and "
         "resampling not timed), in a fresh process.",
         "",
@@ -219,11 +219,14 @@ def _data_section(data: Optional[dict]) -> list[str]:
     if not data:
         return lines + ["Unmeasured.", ""]
     return lines + [
-        f"Command: `{data['command']}` (run by the benchmark; {data['date']}). Reads {data['volumes']} sample "
-        f"volumes through `configs/train.json`'s training chain (input {data['input_size']}) with a fresh cache: "
-        f"one worker delivers **{data['warm_volumes_per_s_per_worker']} volumes/s** from the preprocessing cache "
-        f"(cold, filling the cache: {data['cold_volumes_per_s_per_worker']} volumes/s). With `num_workers` "
-        "workers the loader delivers about that many times more, to compare with the training rate below.",
+        f"Command: `{data['command']}` ({data['date']}), which runs `{data['preprocessing_command']}`: "
+        f"it reads {data['volumes']} sample volumes through `configs/train.json`'s training chain "
+        f"(input {data['input_size']}) with a fresh cache: one worker delivers "
+        f"**{data['warm_volumes_per_s_per_worker']} volumes/s** from the preprocessing cache (cold, filling "
+        f"the cache: {data['cold_volumes_per_s_per_worker']} volumes/s). With `num_workers` workers the "
+        "loader delivers about that many times more, to compare with the training rate below. These are "
+        "the bundled sample crops (padded to the input size); whole CT-RATE volumes cost more to load cold, "
+        "and the warm read is what a training epoch after the first sees.",
         "",
     ]
 

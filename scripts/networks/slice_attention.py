@@ -98,7 +98,8 @@ class SliceAwareSelfAttention(nn.Module):
 
     Shapes:
         ``forward(x (B, T, C), token_slices (T,), num_slice_rows) -> (B, T, C)``; ``token_slices`` holds
-        each token's slice row in ``[0, num_slice_rows)``, ``-1`` for the CLS token.
+        each token's slice row in ``[0, num_slice_rows)`` (``Z``, the patch grid's slice rows), ``-1`` for
+        the CLS token.
 
     Raises:
         ValueError: ``C`` not divisible by ``nh``, or an unknown ``attention_impl``.
@@ -136,7 +137,8 @@ class SliceAwareSelfAttention(nn.Module):
         elif self.attention_impl == "fused":
             q_extra, k_extra = self._bias_channels(slice_bias, token_slices, num_slice_rows, q.dtype)
             q, k, v = fold_bias_into_channels(q, k, v, q_extra[None], k_extra[None, None])
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)[..., : self.head_dim]
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, nh, T, hd + Z + pad)
+            out = out[..., : self.head_dim]  # -> (B, nh, T, hd)
         elif self.attention_impl == "flex":
             out = self._flex_attention(q, k, v, slice_bias, token_slices)
         else:

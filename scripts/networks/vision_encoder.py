@@ -1,6 +1,7 @@
 """The anatomy-aware 3D CT vision encoder (the bundle's ``network_def``)."""
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -152,13 +153,13 @@ class AnatomyAwareCTEncoder(nn.Module):
         token_slices = torch.cat([cls_slice, positions[:, 0]])  # (1 + N,): CLS marked -1
         num_slice_rows = grid[0]
         for index, block in enumerate(self.blocks):
-            if self.gradient_checkpointing and self.training and not torch.jit.is_scripting():
-                x = self._checkpointed_block(index, x, token_slices, num_slice_rows, patch_to_region)
-            elif block.uses_regions:
+            regions: Optional[torch.Tensor] = None
+            if block.uses_regions:
                 regions = self.anatomy.region_tokens(x[:, 1:], patch_to_region)  # (B, R, C) from this block's input
-                x = block(x, token_slices, num_slice_rows, regions, patch_to_region)
+            if self.gradient_checkpointing and self.training and not torch.jit.is_scripting():
+                x = self._checkpointed_block(index, x, token_slices, num_slice_rows, regions, patch_to_region)
             else:
-                x = block(x, token_slices, num_slice_rows)
+                x = block(x, token_slices, num_slice_rows, regions, patch_to_region)
         x = self.norm(x)
         cls, local = x[:, 0], x[:, 1:]  # (B, C), (B, N, C)
         out["global_features"] = local.mean(1)
@@ -184,22 +185,9 @@ class AnatomyAwareCTEncoder(nn.Module):
         x: torch.Tensor,
         token_slices: torch.Tensor,
         num_slice_rows: int,
+        regions: Optional[torch.Tensor],
         patch_to_region: torch.Tensor,
     ) -> torch.Tensor:
         """Block ``index`` under activation checkpointing (training only; excluded from TorchScript)."""
-        return checkpoint(self._run_block, index, x, token_slices, num_slice_rows, patch_to_region, use_reentrant=False)
-
-    @torch.jit.unused
-    def _run_block(
-        self,
-        index: int,
-        x: torch.Tensor,
-        token_slices: torch.Tensor,
-        num_slice_rows: int,
-        patch_to_region: torch.Tensor,
-    ) -> torch.Tensor:
         block = self.blocks[index]
-        if not block.uses_regions:
-            return block(x, token_slices, num_slice_rows)
-        regions = self.anatomy.region_tokens(x[:, 1:], patch_to_region)  # (B, R, C) from this block's input
-        return block(x, token_slices, num_slice_rows, regions, patch_to_region)
+        return checkpoint(block, x, token_slices, num_slice_rows, regions, patch_to_region, use_reentrant=False)
