@@ -241,7 +241,7 @@ class ThresholdWriter:
     """Evaluation handler: write ``models/thresholds.json`` from the report, when ``model.pt`` was evaluated.
 
     At the end of the evaluation (after `scripts.evaluation.EvaluationReport`, which leaves the report in
-    ``engine.state.metrics["evaluation_report"]``) the zero-shot thresholds of each finding are written
+    ``engine.state.evaluation_report``) the zero-shot thresholds of each finding are written
     with the SHA-256 of ``model.pt``, but only when the evaluated image encoder holds exactly the weights
     of ``model.pt`` (evaluating ``model_clip.pt``, the last epoch, writes nothing and says so).
 
@@ -259,7 +259,7 @@ class ThresholdWriter:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        report = engine.state.metrics.get("evaluation_report")
+        report = getattr(engine.state, "evaluation_report", None)
         if report is None:
             return  # not rank 0
         if not self.model_file.is_file() or not _same_weights(
