@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -100,10 +101,24 @@ def test_evaluation_on_the_ct_rate_layout_defines_what_the_labels_allow(bundle_r
     assert report["cases_not_evaluated"] == []
     assert per_class["Hiatal hernia"]["auroc"] == {"value": None, "reason": "only negative cases"}
     assert per_class["Cardiomegaly"]["auroc"]["value"] is not None  # labels written for the test: 0, 1, 0
-    assert report["zero_shot"]["macro"]["fvlm_16"]["auroc"]["value"] is not None
+    # Hiatal hernia has no positive: CT-CLIP's mean over every finding is undefined, ours over the defined ones is not
+    headline = report["zero_shot"]["macro"]["fvlm_16"]["auroc"]
+    assert headline["value"] is None and headline["findings_undefined"]["Hiatal hernia"] == "only negative cases"
+    assert report["zero_shot"]["macro_over_defined"]["fvlm_16"]["auroc"]["value"] is not None
+    assert report["zero_shot"]["macro"]["fvlm_16"]["accuracy"]["value"] is not None
     # two reconstructions of one scan are one study: retrieval keeps one volume per scan
     assert report["retrieval"]["protocol"]["pairs_evaluated"] == 2
     assert report["chain_of_thought"] == {"value": None, "reason": "no chain-of-thought steps in the evaluation data"}
+
+
+def test_non_finite_numbers_are_written_as_null_and_named():
+    from scripts.evaluation import replace_non_finite
+
+    report = {"a": {"threshold": {"value": math.inf}, "ok": 0.5}, "b": [1.0, math.nan], "c": "text"}
+    clean, found = replace_non_finite(report)
+    assert clean == {"a": {"threshold": {"value": None}, "ok": 0.5}, "b": [1.0, None], "c": "text"}
+    assert found == ["a/threshold/value: inf", "b/1: nan"]
+    json.dumps(clean, allow_nan=False)
 
 
 def test_map_peak_lands_in_the_named_region_on_the_ct_grid(bundle_root, sample_datalist, sample_dir, tmp_path):
