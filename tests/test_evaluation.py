@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
 import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import bundle_parser
+from conftest import bundle_parser, run_with_hang_guard
 from monai.bundle import ConfigWorkflow
 from monai.transforms import Compose
 from scripts.data import FINDINGS
@@ -179,13 +178,7 @@ def test_two_process_evaluation_equals_one_process(bundle_root, tmp_path, checkp
     }  # fmt: skip
     reports = {}
     for name, command in runs.items():
-        done = subprocess.run(
-            command + common + ["--eval_dir", str(tmp_path / name)],
-            cwd=bundle_root,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        done = run_with_hang_guard(command + common + ["--eval_dir", str(tmp_path / name)], bundle_root)
         assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
         reports[name] = json.loads((tmp_path / name / "metrics.json").read_text())
     assert reports["two"]["cases"] == reports["one"]["cases"] == 20
