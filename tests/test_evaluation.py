@@ -167,23 +167,19 @@ def test_prompt_templates_file(bundle_root, tmp_path):
 
 
 def test_two_process_evaluation_equals_one_process(bundle_root, tmp_path, checkpoint):
-    """torchrun with two CPU processes (gloo, uneven batches): the same metrics as one process."""
-    common = ["--eval_checkpoint", str(checkpoint), "--cache_dir", str(tmp_path / "cache"), "--log_dir", str(tmp_path / "logs"),
-              "--n_bootstrap", "20", "--num_maps", "0", "--batch_size", "3"]  # fmt: skip
-    configs = [str(bundle_root / "configs" / c) for c in CONFIGS]
-    runs = {
-        "one": [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs)],
-        "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run",
-                "--config_file", str(configs + [str(bundle_root / "configs/multi_gpu_evaluate.json")])],
-    }  # fmt: skip
-    reports = {}
-    for name, command in runs.items():
-        done = run_with_hang_guard(command + common + ["--eval_dir", str(tmp_path / name)], bundle_root)
-        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-        reports[name] = json.loads((tmp_path / name / "metrics.json").read_text())
-    assert reports["two"]["cases"] == reports["one"]["cases"] == 20
+    """torchrun with two CPU processes (gloo, uneven batches): the same metrics as one process (this one)."""
+    one = _evaluate(bundle_root, tmp_path, checkpoint, num_maps=0, batch_size=3)
+    configs = [str(bundle_root / "configs" / c) for c in CONFIGS + ("multi_gpu_evaluate.json",)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run",
+               "--config_file", str(configs), "--eval_checkpoint", str(checkpoint), "--cache_dir", str(tmp_path / "cache"),
+               "--log_dir", str(tmp_path / "logs"), "--n_bootstrap", "20", "--num_maps", "0", "--batch_size", "3",
+               "--eval_dir", str(tmp_path / "two")]  # fmt: skip
+    done = run_with_hang_guard(command, bundle_root)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    two = json.loads((tmp_path / "two/metrics.json").read_text())
+    assert two["cases"] == one["cases"] == 20
     for section in ("retrieval", "zero_shot", "grounding", "chain_of_thought"):
-        assert _same(reports["one"][section], reports["two"][section]), section
+        assert _same(one[section], two[section]), section
 
 
 def _same(a, b, tol: float = 1e-5) -> bool:

@@ -108,12 +108,18 @@ def _state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _assert_same_training_state(a: dict, b: dict) -> None:
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
-    for (key, sa), sb in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].values()):
+def _assert_same_training_state(a: Path, b: Path) -> None:
+    """The checkpoint folders ``a`` and ``b`` hold the same resume state and the same best model."""
+    resume_a, resume_b = _state(a / "model_clip.pt"), _state(b / "model_clip.pt")
+    for name, tensor in resume_a["model"].items():
+        assert torch.equal(tensor, resume_b["model"][name]), name
+    for (key, sa), sb in zip(resume_a["optimizer"]["state"].items(), resume_b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa), key
-    assert a["trainer"]["iteration"] == b["trainer"]["iteration"]
+    assert resume_a["trainer"]["iteration"] == resume_b["trainer"]["iteration"]
+    # the best validation recall carried across the resume: the same best epoch and the same model.pt
+    assert resume_a["validator"] == resume_b["validator"]
+    best_a, best_b = _state(a / "model.pt"), _state(b / "model.pt")
+    assert all(torch.equal(tensor, best_b[name]) for name, tensor in best_a.items())
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +149,7 @@ def test_resume_after_an_exception_mid_epoch_equals_the_uninterrupted_run(
                                              resume=True))  # fmt: skip
     assert sorted(resumed["loss"]) == [8, 9, 10, 11, 12]
     assert all(resumed["loss"][i] == plain["loss"][i] for i in resumed["loss"]), (resumed["loss"], plain["loss"])
-    _assert_same_training_state(_state(plain_dir / "model_clip.pt"), _state(stopped_at / "model_clip.pt"))
+    _assert_same_training_state(plain_dir, stopped_at)
 
 
 def test_extending_a_finished_run_follows_the_longer_schedule(
@@ -239,7 +245,7 @@ def test_sigkill_mid_epoch_then_the_same_command_with_resume_equals_an_uninterru
     assert sorted(after) == [(3, 1), (3, 2), (3, 3), (3, 4)]
     plain, plain_dir = uninterrupted  # the same configuration, run in this process without a kill
     assert all(after[(3, i)] == f"{plain['loss'][8 + i]:.4f}" for i in range(1, 5)), (after, plain["loss"])
-    _assert_same_training_state(_state(plain_dir / "model_clip.pt"), _state(killed_dir / "model_clip.pt"))
+    _assert_same_training_state(plain_dir, killed_dir)
     assert sorted(p.name for p in killed_dir.glob("model_clip_checkpoint_epoch=*.pt")) == [
         "model_clip_checkpoint_epoch=3.pt"
     ]

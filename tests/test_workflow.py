@@ -10,12 +10,12 @@ import sys
 
 import pytest
 import torch
-from conftest import run_with_hang_guard
+from conftest import bundle_parser, run_with_hang_guard
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
 
 
-def _workflow(bundle_root, tmp_path, configs=("train.json", "demo.json"), cache_dir=None, **override) -> ConfigWorkflow:
+def _workflow(bundle_root, tmp_path, configs=("train.json", "demo.json"), **override) -> ConfigWorkflow:
     return ConfigWorkflow(
         config_file=[str(bundle_root / "configs" / c) for c in configs],
         meta_file=str(bundle_root / "configs/metadata.json"),
@@ -24,7 +24,7 @@ def _workflow(bundle_root, tmp_path, configs=("train.json", "demo.json"), cache_
         bundle_root=str(bundle_root),
         ckpt_dir=str(tmp_path / "models"),
         log_dir=str(tmp_path / "logs"),
-        cache_dir=str(cache_dir or tmp_path / "cache"),
+        cache_dir=str(tmp_path / "cache"),
         **override,
     )
 
@@ -57,49 +57,6 @@ def test_network_def_matches_metadata_shapes(bundle_root):
         bundle_root=str(bundle_root),
         attention_impl="reference",
     )
-
-
-def _run_recording_losses(workflow: ConfigWorkflow) -> tuple[list[float], list[int]]:
-    workflow.initialize()
-    trainer = workflow.parser.get_parsed_content("train#trainer")
-    losses, epochs = [], []
-
-    def record(engine):
-        losses.append(engine.state.metrics["train_mean_loss"])
-        epochs.append(engine.state.epoch)
-
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, record)
-    workflow.run()
-    workflow.finalize()
-    return losses, epochs
-
-
-def test_short_training_run_loss_falls_and_checkpoints_resume(bundle_root, tmp_path, demo_cache_dir):
-    losses, epochs = _run_recording_losses(
-        _workflow(bundle_root, tmp_path, cache_dir=demo_cache_dir, max_epochs=6, val_interval=3)
-    )
-    assert epochs == [1, 2, 3, 4, 5, 6]
-    assert losses[-1] < 0.8 * losses[0], losses
-
-    models = tmp_path / "models"
-    fresh = _workflow(bundle_root, tmp_path)
-    fresh.initialize()
-    network_def = fresh.parser.get_parsed_content("network_def")
-    network_def.load_state_dict(torch.load(models / "model.pt", map_location="cpu", weights_only=True), strict=True)
-    resume = torch.load(models / "model_clip.pt", map_location="cpu", weights_only=True)
-    assert set(resume) == {"model", "optimizer", "lr_scheduler", "grad_scaler", "trainer", "validator", "run_state"}
-    assert resume["trainer"]["iteration"] == 6 * resume["trainer"]["epoch_length"]
-    best = resume["validator"]
-    assert best["best_metric_epoch"] in (3, 6) and 0 <= best["best_metric"] <= 1
-
-    resumed = _workflow(bundle_root, tmp_path, cache_dir=demo_cache_dir, max_epochs=8, val_interval=1, resume=True)
-    _, resumed_epochs = _run_recording_losses(resumed)
-    assert resumed_epochs == [7, 8]
-    validator = resumed.parser.get_parsed_content("validate#evaluator")
-    # the best of the first run carries over: a resumed validation replaces it only by doing better
-    assert validator.state.best_metric >= best["best_metric"]
-    if validator.state.best_metric == best["best_metric"]:
-        assert validator.state.best_metric_epoch == best["best_metric_epoch"]
 
 
 def test_key_metric_state_keeps_the_best_checkpoint_across_a_resume(tmp_path):
@@ -147,7 +104,8 @@ def test_key_metric_state_keeps_the_best_checkpoint_across_a_resume(tmp_path):
 @pytest.mark.skipif(os.environ.get("SKIP_DEMO") == "1", reason="SKIP_DEMO=1")
 def test_demo_job_ends_above_chance(bundle_root, tmp_path, demo_cache_dir):
     """The README's main job, as a user runs it, on the bundled real CTs (about a minute on 2 idle cores; no
-    time limit: a slow machine only makes it slower)."""
+    time limit: a slow machine only makes it slower): above chance on a held-out patient, the training loss
+    falls, and the checkpoints load as documented."""
     command = [
         sys.executable, "-m", "monai.bundle", "run", "training",
         "--config_file", "['configs/train.json','configs/demo.json']",
@@ -161,8 +119,17 @@ def test_demo_job_ends_above_chance(bundle_root, tmp_path, demo_cache_dir):
     chance = float(last["val_recall@1_chance"])
     assert float(last["val_recall@1"]) > chance  # Recall@1, mean of both directions, on a held-out patient
     assert max(float(last["val_recall@1_image_to_text"]), float(last["val_recall@1_text_to_image"])) > chance
-    assert (tmp_path / "models/model.pt").is_file() and (tmp_path / "models/model_clip.pt").is_file()
-    assert "train_mean_loss" in done.stdout
+    epochs = re.findall(r"Epoch\[(\d+)\] Metrics -- train_mean_loss: ([0-9.]+)", done.stdout)
+    assert [int(epoch) for epoch, _ in epochs] == list(range(1, 41))
+    assert float(epochs[-1][1]) < 0.8 * float(epochs[0][1]), epochs  # the training loss falls
+    # model.pt is a strict state dict of network_def; model_clip.pt holds what a resume needs, as weights only
+    models = tmp_path / "models"
+    network_def = bundle_parser("train.json", "demo.json").get_parsed_content("network_def")
+    network_def.load_state_dict(torch.load(models / "model.pt", map_location="cpu", weights_only=True), strict=True)
+    resume = torch.load(models / "model_clip.pt", map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "lr_scheduler", "grad_scaler", "trainer", "validator", "run_state"} <= set(resume)
+    assert resume["trainer"]["iteration"] == 40 * resume["trainer"]["epoch_length"]
+    assert 5 <= resume["validator"]["best_metric_epoch"] <= 40 and 0 <= resume["validator"]["best_metric"] <= 1
 
 
 def test_multi_gpu_training_stops_every_rank_when_one_raises_and_resumes(
