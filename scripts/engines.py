@@ -99,16 +99,24 @@ class ContrastiveTrainer(SupervisedTrainer):
     holds ``Keys.LOSS``, the detached ``loss_terms`` and embeddings; the parent's `IterationEvents` fire
     as usual. The other arguments are the parent's.
 
+    A step whose loss or global gradient norm is not finite (bf16 overflow, a broken case) is skipped:
+    no optimizer or scaler step, a warning naming the batch's cases, and the count in
+    ``engine.state.nonfinite_steps_skipped`` (it travels in the resume file). Under DDP every rank skips
+    the same steps. With float16 the gradient scaler's own overflow skips are not counted.
+
     Args:
         autocast_dtype: ``"bfloat16"``, ``"float16"`` (with a gradient scaler) or ``None`` (float32).
         max_grad_norm: clip the global gradient norm to this value; ``None`` disables clipping.
         image_transform: applied to the packed image on ``device`` (`scripts.data.WindowPackedCT`, the HU
             window); ``None`` when the loader already yields the float network input.
         train_handlers: the parent's; an `MLFlowHandler` among them is fitted by `fit_mlflow_handlers`.
+        max_consecutive_nonfinite_steps: stop the run when this many steps in a row are skipped.
 
     Raises:
         ValueError: unknown ``autocast_dtype``; a training loader that yields no batch (fewer items than
             ``batch_size`` with ``drop_last``); a batch that is ``None``.
+        FloatingPointError: more than ``max_consecutive_nonfinite_steps`` skipped steps in a row (the
+            parameters are still those of the last finite step).
     """
 
     def __init__(
@@ -129,6 +137,7 @@ class ContrastiveTrainer(SupervisedTrainer):
         autocast_dtype: str | None = None,
         max_grad_norm: float | None = None,
         image_transform: Callable | None = None,
+        max_consecutive_nonfinite_steps: int = 10,
     ) -> None:
         device = torch.device(device)
         if isinstance(train_data_loader, DataLoader) and len(train_data_loader) == 0:
@@ -158,6 +167,10 @@ class ContrastiveTrainer(SupervisedTrainer):
         self.max_grad_norm = max_grad_norm
         self.image_transform = image_transform
         self.grad_scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
+        self.max_consecutive_nonfinite_steps = max_consecutive_nonfinite_steps
+        self.state.nonfinite_steps_skipped = 0
+        self.state.last_finished_iteration = 0  # the last iteration whose optimizer step was taken (or skipped)
+        self._nonfinite_in_a_row = 0
 
     def _iteration(self, engine: ContrastiveTrainer, batchdata: dict) -> dict:
         image, texts, keys = _contrastive_batch(
@@ -235,13 +248,52 @@ class ContrastiveTrainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         self.grad_scaler.scale(loss).backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        self.grad_scaler.unscale_(engine.optimizer)  # a no-op without float16
         if self.max_grad_norm is not None:
-            self.grad_scaler.unscale_(engine.optimizer)
-            torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_grad_norm)
-        self.grad_scaler.step(engine.optimizer)
-        self.grad_scaler.update()
+            grad_norm = torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in engine.network.parameters() if p.grad is not None]
+            )
+        # float16: the scaler skips overflowing gradients itself; a non-finite loss is a bad step in any mode
+        bad = ~torch.isfinite(loss.detach()) | (~torch.isfinite(grad_norm) & (not self.grad_scaler.is_enabled()))
+        if _on_any_rank(bad):
+            self._skip_step(engine, batchdata, loss, grad_norm)
+        else:
+            self._nonfinite_in_a_row = 0
+            self.grad_scaler.step(engine.optimizer)
+            self.grad_scaler.update()
+        engine.state.last_finished_iteration = engine.state.iteration
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+    def _skip_step(self, engine: ContrastiveTrainer, batchdata: dict, loss: torch.Tensor, grad_norm) -> None:
+        """Leave the parameters at the last finite step; count, name the cases, stop after too many in a row."""
+        engine.optimizer.zero_grad(set_to_none=True)
+        if self.grad_scaler.is_enabled():
+            self.grad_scaler.update()  # lowers the scale after the overflow that unscale_ recorded
+        engine.state.nonfinite_steps_skipped += 1
+        self._nonfinite_in_a_row += 1
+        cases = list(batchdata.get("case_id", batchdata.get("case_index", [])))
+        message = (
+            f"iteration {engine.state.iteration}: loss {float(loss.detach()):.4g}, gradient norm "
+            f"{float(grad_norm):.4g} on this rank; step skipped ({engine.state.nonfinite_steps_skipped} so far, "
+            f"{self._nonfinite_in_a_row} in a row); cases of this rank's batch: {cases}"
+        )
+        if self._nonfinite_in_a_row > self.max_consecutive_nonfinite_steps:
+            raise FloatingPointError(
+                f"{message}. More than max_consecutive_nonfinite_steps={self.max_consecutive_nonfinite_steps} "
+                "skipped steps in a row: stopping (the parameters are those of the last finite step)"
+            )
+        engine.logger.warning(message)
+
+
+def _on_any_rank(flag: torch.Tensor) -> bool:
+    """``flag`` (a bool tensor) true on any DDP rank: every rank then takes the same branch."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        flag = flag.to(torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag)
 
 
 def _no_steps(features: dict) -> torch.Tensor:
@@ -302,8 +354,8 @@ class ContrastiveEvaluator(SupervisedEvaluator):
     ``engine.state.output`` holds ``image_embedding (B, E)``, ``text_embedding (B, E)``, ``keys``
     ``(B, 2)`` (study and report keys, see `scripts.losses.pair_keys`) and ``case_index (B,)``, the input
     of `scripts.metrics.RetrievalRecall` (which counts each case once under DDP). The network runs in eval mode
-    without gradients. The other
-    arguments are the parent's.
+    without gradients. A non-finite embedding stops the evaluation (`FloatingPointError` naming the cases),
+    so no key-metric saver ever sees a metric of a non-finite state. The other arguments are the parent's.
 
     Args:
         autocast_dtype: ``"bfloat16"``, ``"float16"`` or ``None`` (float32).
@@ -349,10 +401,21 @@ class ContrastiveEvaluator(SupervisedEvaluator):
         with engine.mode(engine.network):
             with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 out = engine.inferer(image, engine.network, texts)
+        image_embedding, text_embedding = (
+            out["image_features"]["global_embedding"].float(),
+            out["text_embedding"].float(),
+        )
+        finite = torch.isfinite(image_embedding).all(-1) & torch.isfinite(text_embedding).all(-1)  # (B,)
+        if not finite.all():
+            cases = list(batchdata.get("case_id", batchdata["case_index"]))
+            raise FloatingPointError(
+                f"validation embeddings are not finite for cases {[c for c, ok in zip(cases, finite) if not ok]}: the "
+                "network state or those inputs are broken; stopping before anything is saved as the best model"
+            )
         engine.state.output = {
             Keys.IMAGE: image,
-            "image_embedding": out["image_features"]["global_embedding"].float(),
-            "text_embedding": out["text_embedding"].float(),
+            "image_embedding": image_embedding,
+            "text_embedding": text_embedding,
             "keys": keys,
             "case_index": torch.as_tensor(batchdata["case_index"]).long(),
         }

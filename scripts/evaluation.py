@@ -7,7 +7,8 @@ uneven shards and drops `DistributedSampler` padding), then writes on rank 0:
 - ``metrics.json``: retrieval (`retrieval_metrics`), zero-shot classification over the 18 CT-RATE
   findings (`classification_metrics`, CT-CLIP prompts), the finding head's scores when the model has
   one, region grounding (`top_regions_per_finding`, `region_auroc`) and chain-of-thought alignment
-  (`cot_alignment`); a value the data cannot define is ``null`` with its reason;
+  (`cot_alignment`); a value the data cannot define is ``null`` with its reason, and no number is
+  infinite or NaN (`replace_non_finite`);
 - ``per_case.csv``: ranks of each case's report and image, zero-shot probabilities and labels;
 - figures: ROC curves, recall vs K, the slice-distance bias of the first and last block (PNG, also to
   TensorBoard), and for the first cases text-to-patch similarity and CLS attention maps as NIfTI on the
@@ -220,6 +221,25 @@ def save_map_on_ct(
     return path
 
 
+def replace_non_finite(obj, path: str = "") -> tuple[object, list[str]]:
+    """``obj`` (nested dicts, lists, numbers) with every infinite or NaN float replaced by ``None``, and
+    the ``"path: value"`` of each one replaced (paths like ``zero_shot/per_class/Emphysema/threshold/value``).
+
+    The metric functions define their undefined numbers as ``null`` with a reason; this is the last guard
+    before ``metrics.json`` is written (``json.dumps(..., allow_nan=False)``), so that a number nobody
+    expected to be infinite is reported by name instead of ending the evaluation with ``ValueError``.
+    """
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None, [f"{path}: {obj}"]
+    if isinstance(obj, dict):
+        pairs = {k: replace_non_finite(v, f"{path}/{k}" if path else str(k)) for k, v in obj.items()}
+        return {k: v for k, (v, _) in pairs.items()}, [bad for _, found in pairs.values() for bad in found]
+    if isinstance(obj, (list, tuple)):
+        pairs = [replace_non_finite(v, f"{path}/{i}") for i, v in enumerate(obj)]
+        return [v for v, _ in pairs], [bad for _, found in pairs for bad in found]
+    return obj, []
+
+
 def _value(entry) -> str:
     """A report entry as text: the number, or ``null (reason)``."""
     if not isinstance(entry, dict) or "value" not in entry:
@@ -263,7 +283,7 @@ def summary(report: dict) -> str:
     for section in ("zero_shot", "finding_head"):
         if "macro" in report[section]:
             aurocs = ", ".join(f"{name} {_value(m['auroc'])}" for name, m in report[section]["macro"].items())
-            lines.append(f"{section} macro AUROC: {aurocs}")
+            lines.append(f"{section} macro AUROC (CT-CLIP's mean over every finding): {aurocs}")
         else:
             lines.append(f"{section}: {_value(report[section])}")
     grounding = report["grounding"]
@@ -402,7 +422,10 @@ class EvaluationReport:
         step_key, step_rows = _to_cpu(self.steps.gather()) if self._any_steps() else (None, None)
         if not self._rank0:
             return
-        report = self._report(case_index, rows, step_key, step_rows)
+        report, non_finite = replace_non_finite(self._report(case_index, rows, step_key, step_rows))
+        if non_finite:
+            report["non_finite_values_replaced_by_null"] = non_finite
+            logger.warning(f"non-finite numbers in the evaluation report, written as null: {non_finite}")
         (self.output_dir / "metrics.json").write_text(json.dumps(report, indent=4, allow_nan=False) + "\n")
         engine.state.evaluation_report = report
         engine.state.metrics.update(headline_metrics(report))

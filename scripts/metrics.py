@@ -52,6 +52,8 @@ RETRIEVAL_KS = (1, 5, 10, 50, 100)
 TIE_MODES = ("mean", "pessimistic", "optimistic")
 # threshold method -> the rule that turns a probability into "present"
 THRESHOLD_RULES = {"ct_clip": ">", "youden": ">=", "fixed": ">"}
+# where a finding's threshold cannot be chosen: the fixed threshold of the peers' softmax-pair convention
+FALLBACK_THRESHOLD = 0.5
 CLASSIFICATION_METRICS = ("auroc", "f1", "f1_positive", "accuracy", "precision", "sensitivity", "specificity")
 
 
@@ -645,10 +647,16 @@ def _ct_clip_threshold(probability: np.ndarray, label: np.ndarray) -> float:
     return float(grid[np.flatnonzero(distance == distance.min())[-1]])
 
 
-def _youden_threshold(probability: np.ndarray, label: np.ndarray) -> float:
-    """Youden's J: the `sklearn.metrics.roc_curve` threshold maximising ``TPR - FPR`` (the highest on ties)."""
+def _youden_threshold(probability: np.ndarray, label: np.ndarray) -> float | None:
+    """Youden's J: the `sklearn.metrics.roc_curve` threshold maximising ``TPR - FPR`` (the highest on ties);
+    ``None`` when no threshold gives ``J > 0`` (the maximum is then roc_curve's ``+inf`` sentinel, which
+    predicts nothing present)."""
     fpr, tpr, thresholds = roc_curve(label, probability)
-    return float(thresholds[int(np.argmax(tpr - fpr))])
+    youden = tpr - fpr
+    best = int(np.argmax(youden))
+    if youden[best] <= 0 or not np.isfinite(thresholds[best]):
+        return None
+    return float(thresholds[best])
 
 
 def select_threshold(probability: np.ndarray, label: np.ndarray, method: str) -> tuple[float | None, str | None]:
@@ -661,7 +669,11 @@ def select_threshold(probability: np.ndarray, label: np.ndarray, method: str) ->
       "following CT-CLIP's evaluation protocol"): 100 candidates ``numpy.linspace(0, 1, 100)``, rule
       ``p > t``, the candidate nearest the ROC corner (0, 1), the last one on ties;
     - ``"youden"``: maximise Youden's ``J = TPR - FPR`` over `sklearn.metrics.roc_curve`, rule ``p >= t``;
+      when no threshold gives ``J > 0`` (scores that never rank a present case above an absent one) there
+      is no threshold to choose: ``(None, reason)``, never roc_curve's ``+inf``;
     - ``"fixed"``: 0.5, rule ``p > t``.
+
+    Where ``None`` is returned, `classification_metrics` falls back to ``FALLBACK_THRESHOLD`` and says so.
 
     Args:
         probability: ``(n,)`` probabilities of "present".
@@ -678,7 +690,12 @@ def select_threshold(probability: np.ndarray, label: np.ndarray, method: str) ->
     reason = _single_class_reason(label)
     if reason is not None:
         return None, reason
-    return (_ct_clip_threshold if method == "ct_clip" else _youden_threshold)(probability, label), None
+    if method == "ct_clip":
+        return _ct_clip_threshold(probability, label), None
+    threshold = _youden_threshold(probability, label)
+    if threshold is None:
+        return None, "Youden's J <= 0 at every threshold: no threshold separates present from absent"
+    return threshold, None
 
 
 def _single_class_reason(label: np.ndarray) -> str | None:
@@ -691,9 +708,7 @@ def _single_class_reason(label: np.ndarray) -> str | None:
     return None
 
 
-def _binary_metrics(
-    probability: np.ndarray, label: np.ndarray, threshold: float | None, rule: str, why_no_threshold: str | None
-) -> dict:
+def _binary_metrics(probability: np.ndarray, label: np.ndarray, threshold: float, rule: str) -> dict:
     """All ``CLASSIFICATION_METRICS`` of one finding as ``name -> (value | None, reason | None)``."""
     n = label.size
     if n == 0:
@@ -702,9 +717,6 @@ def _binary_metrics(
     n_neg = n - n_pos
     single = _single_class_reason(label)
     out = {"auroc": (float(roc_auc_score(label, probability)), None) if single is None else (None, single)}
-    if threshold is None:
-        out.update({name: (None, f"no threshold: {why_no_threshold}") for name in CLASSIFICATION_METRICS[1:]})
-        return out
     pred = probability > threshold if rule == ">" else probability >= threshold
     positive = label == 1
     tp, fp = int((pred & positive).sum()), int((pred & ~positive).sum())
@@ -736,19 +748,35 @@ def classification_metrics(
     code): AUROC from `sklearn.metrics.roc_auc_score`; one threshold per finding chosen on the whole
     evaluation set (`select_threshold`) and kept fixed in the bootstrap; ``"f1"`` is the
     support-weighted F1 of the two classes (``f1_score(average="weighted")`` as CT-CLIP),
-    ``"f1_positive"`` the F1 of "present"; precision is that of "present". Macro values are the mean
-    over the findings of a subset whose value is defined; ``macro_subsets`` names the subsets (pass
-    `CT_RATE_MACRO_SUBSETS` for CT-CLIP's 18 and fVLM's 16 findings).
+    ``"f1_positive"`` the F1 of "present"; precision is that of "present". A finding whose threshold
+    cannot be chosen (one class only; Youden's J never above 0) gets ``threshold: null`` with the reason,
+    and its threshold-dependent metrics are computed at ``FALLBACK_THRESHOLD`` (0.5, rule ``p > 0.5``),
+    named in the entry's ``fallback`` field.
+
+    Two macro means per subset (``macro_subsets``; pass `CT_RATE_MACRO_SUBSETS` for CT-CLIP's 18 and
+    fVLM's 16 findings):
+
+    - ``"macro"``, the headline, computed as CT-CLIP's ``scripts/bootstrap_values.py`` computes it
+      (github.com/ibrahimethemhamamci/CT-CLIP, HEAD a2a155c): the plain mean over every finding of the
+      subset of scikit-learn's ``f1_score(average="weighted")``, ``accuracy_score`` and
+      ``precision_score`` with their default ``zero_division``, so a finding with no predicted positives
+      counts as precision 0 (likewise F1 of "present", sensitivity, specificity with an empty
+      denominator); an AUROC undefined for any finding makes the AUROC mean undefined (CT-CLIP's is NaN),
+      and a finding without labelled cases makes every mean undefined. Comparable with CT-CLIP's and
+      fVLM's tables.
+    - ``"macro_over_defined"``: the mean over the findings whose value is defined (undefined ones are
+      listed with their reason and left out, not counted as 0).
 
     Labels may be NaN (unknown): each finding uses only its labelled cases. A value the data cannot
-    define is ``null`` with the reason (no labels; only negative cases; no predicted positives).
+    define is ``null`` with the reason (no labels; only negative cases; no predicted positives); no
+    number in the report is infinite or NaN.
 
     Bootstrap (CT-CLIP's script has its resampling commented out; this one resamples): ``n_bootstrap``
     resamples of the cases with replacement from `numpy.random.default_rng(seed)`; per resample every
     metric is recomputed at the fixed thresholds; a finding undefined in a resample (e.g. no positive
     drawn) is skipped there and counted. CIs are percentile intervals (``numpy.percentile``, linear
     interpolation) at ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` of the resamples where the
-    value is defined; a macro resample averages the findings defined in that resample.
+    value is defined; each macro resample follows its own rule above.
 
     Args:
         probabilities: ``(M, K)`` probabilities of "present" (`zero_shot_probabilities`).
@@ -762,10 +790,12 @@ def classification_metrics(
 
     Returns:
         ``{"protocol": {...}, "per_class": {finding: {"n", "n_positive", "threshold", metric: entry}},
-        "macro": {subset: {metric: entry}}}``; an entry is ``{"value", "reason"?}`` plus, with the
-        bootstrap, ``"ci_low"``, ``"ci_high"``, ``"resamples_used"``, ``"resamples_skipped"``; a macro
-        entry also lists ``"findings_used"``, ``"findings_undefined"`` (finding -> reason) and
-        ``"class_resamples_skipped"`` (finding-resample pairs left out of the macro resamples).
+        "macro": {subset: {metric: entry}}, "macro_over_defined": {subset: {metric: entry}}}``; an entry
+        is ``{"value", "reason"?}`` plus, with the bootstrap, ``"ci_low"``, ``"ci_high"``,
+        ``"resamples_used"``, ``"resamples_skipped"``; a ``"macro"`` entry also lists
+        ``"findings_counted_as_zero"`` (finding -> reason), a ``"macro_over_defined"`` entry
+        ``"findings_used"``, ``"findings_undefined"`` (finding -> reason) and ``"class_resamples_skipped"``
+        (finding-resample pairs left out of the macro resamples).
 
     Raises:
         ValueError: shapes differ from ``(M, K)``, labels other than 0/1/NaN, a subset naming an unknown
@@ -789,27 +819,33 @@ def classification_metrics(
         if unknown:
             raise ValueError(f"macro subset {name!r} names findings not in the evaluation: {sorted(unknown)}")
     rule = THRESHOLD_RULES[threshold_method]
-
-    def per_class(rows: np.ndarray | slice, thresholds: list[tuple[float | None, str | None]]) -> list[dict]:
-        results = []
-        for j in range(k):
-            p, y = probs[rows, j], labs[rows, j]
-            mask = ~np.isnan(y)
-            results.append(_binary_metrics(p[mask], y[mask], thresholds[j][0], rule, thresholds[j][1]))
-        return results
-
+    fallback_rule = THRESHOLD_RULES["fixed"]
     thresholds = []
     for j in range(k):
         mask = ~np.isnan(labs[:, j])
         thresholds.append(select_threshold(probs[mask, j], labs[mask, j], threshold_method))
-    point = per_class(slice(None), thresholds)
+    # (threshold, rule) each finding is scored at: its own, or the stated fallback
+    operating = [(t, rule) if t is not None else (FALLBACK_THRESHOLD, fallback_rule) for t, _ in thresholds]
+
+    def per_class(rows: np.ndarray | slice) -> list[dict]:
+        results = []
+        for j in range(k):
+            p, y = probs[rows, j], labs[rows, j]
+            mask = ~np.isnan(y)
+            results.append(_binary_metrics(p[mask], y[mask], *operating[j]))
+        return results
+
+    point = per_class(slice(None))
+    labelled = ~np.isnan(labs)  # (M, K)
 
     n_metrics = len(CLASSIFICATION_METRICS)
     boot = np.full((n_bootstrap, k, n_metrics), np.nan)  # (N, K, metrics), NaN = undefined in that resample
+    boot_labelled = np.zeros((n_bootstrap, k), dtype=bool)  # (N, K): the finding has a labelled case there
     rng = np.random.default_rng(seed)
     for b in range(n_bootstrap):
         rows = rng.integers(0, probs.shape[0], size=probs.shape[0])
-        for j, values in enumerate(per_class(rows, thresholds)):
+        boot_labelled[b] = labelled[rows].any(0)
+        for j, values in enumerate(per_class(rows)):
             boot[b, j] = [np.nan if values[name][0] is None else values[name][0] for name in CLASSIFICATION_METRICS]
     q = (100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2)
 
@@ -827,6 +863,12 @@ def classification_metrics(
         "protocol": {
             "threshold_method": threshold_method,
             "threshold_rule": f"present if probability {rule} threshold",
+            "fallback_threshold": f"present if probability {fallback_rule} {FALLBACK_THRESHOLD} for a finding whose "
+            "threshold cannot be chosen (its threshold entry is null with the reason)",
+            "macro": "mean over every finding of the subset as CT-CLIP's code computes it (a value with an empty "
+            "denominator, e.g. precision without predicted positives, counts as 0; an undefined AUROC leaves the "
+            "AUROC mean undefined)",
+            "macro_over_defined": "mean over the findings whose value is defined",
             "f1": "support-weighted over present/absent (CT-CLIP); f1_positive: present only",
             "n_bootstrap": n_bootstrap,
             "seed": seed,
@@ -835,21 +877,27 @@ def classification_metrics(
         },
         "per_class": {},
         "macro": {},
+        "macro_over_defined": {},
     }
     for j, finding in enumerate(findings):
         y = labs[:, j]
-        row: dict = {
-            "n": int((~np.isnan(y)).sum()),
-            "n_positive": int((y == 1).sum()),
-            "threshold": {**_entry(*thresholds[j]), "rule": rule},
-        }
+        threshold = {**_entry(*thresholds[j]), "rule": rule}
+        if thresholds[j][0] is None:
+            threshold.update(fallback=FALLBACK_THRESHOLD, fallback_rule=fallback_rule)
+        row: dict = {"n": int(labelled[:, j].sum()), "n_positive": int((y == 1).sum()), "threshold": threshold}
         for m, name in enumerate(CLASSIFICATION_METRICS):
             row[name] = with_ci(_entry(*point[j][name]), boot[:, j, m])
         report["per_class"][finding] = row
     for subset, members in subsets.items():
         columns = [findings.index(f) for f in members]
-        macro: dict = {}
+        headline, over_defined = {}, {}
         for m, name in enumerate(CLASSIFICATION_METRICS):
+            headline[name] = _ct_clip_macro(name, [findings[j] for j in columns], [point[j][name] for j in columns])
+            if headline[name]["value"] is not None:  # each resample by the same rule
+                values = boot[:, columns, m]  # (N, K_subset)
+                ok = boot_labelled[:, columns].all(1) & (~np.isnan(values).any(1) if name == "auroc" else True)
+                samples = np.where(ok, np.nan_to_num(values, nan=0.0).mean(1), np.nan)
+                headline[name] = with_ci(headline[name], samples)
             used = [j for j in columns if point[j][name][0] is not None]
             undefined = {findings[j]: point[j][name][1] for j in columns if point[j][name][0] is None}
             if not used:
@@ -860,9 +908,29 @@ def classification_metrics(
                 )
                 if n_bootstrap:
                     entry["class_resamples_skipped"] = int(np.isnan(boot[:, used, m]).sum())
-            macro[name] = dict(entry, findings_used=[findings[j] for j in used], findings_undefined=undefined)
-        report["macro"][subset] = macro
+            over_defined[name] = dict(entry, findings_used=[findings[j] for j in used], findings_undefined=undefined)
+        report["macro"][subset] = headline
+        report["macro_over_defined"][subset] = over_defined
     return report
+
+
+def _ct_clip_macro(name: str, findings: Sequence[str], values: Sequence[tuple[float | None, str | None]]) -> dict:
+    """One metric's macro mean the way CT-CLIP's ``scripts/bootstrap_values.py`` gets it: scikit-learn's
+    scores with their default ``zero_division`` (an empty denominator gives 0) averaged over every finding.
+
+    ``values`` holds each finding's ``(value | None, reason | None)`` from `_binary_metrics`. An undefined
+    AUROC (one class only) has no 0 convention: CT-CLIP's mean is then NaN, here ``null`` with the reason;
+    so is every mean when a finding has no labelled case (CT-CLIP's labels are complete).
+    """
+    unlabelled = {f: reason for f, (value, reason) in zip(findings, values) if reason == "no labels"}
+    if unlabelled:
+        return dict(_entry(None, "findings without labelled cases: the mean over every finding is undefined"),
+                    findings_undefined=unlabelled)  # fmt: skip
+    undefined = {f: reason for f, (value, reason) in zip(findings, values) if value is None}
+    if name == "auroc" and undefined:
+        return dict(_entry(None, "AUROC undefined for some findings (CT-CLIP's mean is NaN)"),
+                    findings_undefined=undefined)  # fmt: skip
+    return dict(_entry(float(np.mean([value or 0.0 for value, _ in values]))), findings_counted_as_zero=undefined)
 
 
 def _nanmean_rows(values: np.ndarray) -> np.ndarray:

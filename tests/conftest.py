@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -39,6 +40,13 @@ def sample_datalist() -> dict:
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     return SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def demo_cache_dir(tmp_path_factory) -> Path:
+    """One preprocessing cache for the runs on the demo sample (its keys hash the transforms and the file
+    stamps, so runs with other preprocessing never read each other's entries)."""
+    return tmp_path_factory.mktemp("demo_cache")
 
 
 @pytest.fixture(scope="session")
@@ -98,11 +106,12 @@ def packed_input(label_map: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return torch.cat([ct, label_map.float()], dim=1)
 
 
-def start_gloo_processes(worker, args: tuple, tmp_path: Path, nprocs: int = 2, timeout_s: float = 240) -> None:
+def start_gloo_processes(worker, args: tuple, tmp_path: Path, nprocs: int = 2, timeout_s: float = 1800) -> None:
     """Run ``worker(rank, nprocs, rendezvous_file, *args)`` in ``nprocs`` spawned CPU processes.
 
-    The processes meet through a file (no TCP port that another program could take in between); a
-    worker still running after ``timeout_s`` is killed and the test fails instead of hanging.
+    The processes meet through a file (no TCP port that another program could take in between). The
+    timeout only guards against a deadlock: it is far above an honest run (under a minute on 2 busy
+    cores); a worker still running then is killed and the test fails saying it found a hang.
     """
     rendezvous = tmp_path / "gloo_rendezvous"
     context = mp.start_processes(
@@ -113,15 +122,29 @@ def start_gloo_processes(worker, args: tuple, tmp_path: Path, nprocs: int = 2, t
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
-            raise TimeoutError(f"gloo worker processes did not finish within {timeout_s} s")
+            raise TimeoutError(f"found a hang: gloo worker processes did not finish within {timeout_s} s")
+
+
+# a guard against a deadlock in a collective, far above an honest run (about a minute on 2 busy cores)
+HANG_GUARD_S = 1800
+
+
+def run_with_hang_guard(command: list[str], cwd) -> subprocess.CompletedProcess:
+    """``subprocess.run`` of a multi-process command (torchrun); fails the test saying it found a hang
+    if the command is still running after ``HANG_GUARD_S``."""
+    try:
+        return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    except subprocess.TimeoutExpired as hang:
+        output = (hang.stdout or b"").decode(errors="replace") + (hang.stderr or b"").decode(errors="replace")
+        pytest.fail(f"found a hang: {command[:6]} did not finish within {HANG_GUARD_S} s\n{output[-3000:]}")
 
 
 def init_gloo(rank: int, world: int, rendezvous: str) -> None:
-    """Join the gloo process group of `start_gloo_processes` (one thread each; a worker stuck for two
+    """Join the gloo process group of `start_gloo_processes` (one thread each; a worker stuck for ten
     minutes prints its stack to stderr)."""
     import faulthandler
 
-    faulthandler.dump_traceback_later(120, exit=False)
+    faulthandler.dump_traceback_later(600, exit=False)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
 

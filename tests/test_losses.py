@@ -101,7 +101,7 @@ def test_ddp_gather_gives_the_single_process_gradient(tmp_path):
     loss.backward()
     result = tmp_path / "rank0.pt"
     start_gloo_processes(_ddp_worker, (image, text, str(result)), tmp_path)
-    ddp_loss, ddp_grad = torch.load(result)
+    ddp_loss, ddp_grad = torch.load(result, weights_only=True)
     assert torch.allclose(ddp_loss, loss.detach(), atol=1e-6)
     assert torch.allclose(ddp_grad, single.weight.grad, atol=1e-6)
 

@@ -287,14 +287,20 @@ def test_undefined_metrics_are_null_with_reason():
     report = classification_metrics(probs, labels, ["ok", "negatives", "unknown"], n_bootstrap=20)
     negatives, unknown = report["per_class"]["negatives"], report["per_class"]["unknown"]
     assert negatives["auroc"] == {"value": None, "reason": "only negative cases"}
-    assert negatives["threshold"]["value"] is None
-    assert negatives["precision"]["value"] is None and "only negative cases" in negatives["precision"]["reason"]
+    # no threshold can be chosen on one class: null with the reason, metrics at the stated fallback 0.5
+    assert negatives["threshold"] == {"value": None, "reason": "only negative cases", "rule": ">", "fallback": 0.5,
+                                      "fallback_rule": ">"}  # fmt: skip
+    assert negatives["accuracy"]["value"] == pytest.approx(np.mean(probs[:, 1] <= 0.5))
+    assert negatives["sensitivity"] == {"value": None, "reason": "only negative cases"}
     assert unknown["auroc"] == {"value": None, "reason": "no labels"} and unknown["n"] == 0
-    macro = report["macro"]["all"]["auroc"]
+    macro = report["macro_over_defined"]["all"]["auroc"]
     assert macro["findings_used"] == ["ok"] and macro["value"] == pytest.approx(
         report["per_class"]["ok"]["auroc"]["value"]
     )
     assert macro["findings_undefined"] == {"negatives": "only negative cases", "unknown": "no labels"}
+    # the headline (CT-CLIP's mean over every finding) is undefined with a finding that has no labels
+    assert report["macro"]["all"]["auroc"]["value"] is None
+    assert report["macro"]["all"]["precision"]["findings_undefined"] == {"unknown": "no labels"}
     json.dumps(report, allow_nan=False)  # no NaN anywhere: JSON-serialisable as is
 
 
@@ -322,7 +328,51 @@ def test_bootstrap_skips_and_counts_resamples_without_a_positive():
     auroc = report["per_class"]["rare"]["auroc"]
     assert auroc["resamples_used"] + auroc["resamples_skipped"] == 200
     assert 40 < auroc["resamples_skipped"] < 110
-    assert report["macro"]["all"]["auroc"]["class_resamples_skipped"] == auroc["resamples_skipped"]
+    assert report["macro_over_defined"]["all"]["auroc"]["class_resamples_skipped"] == auroc["resamples_skipped"]
+    # the headline AUROC mean is undefined in the resamples without a positive: skipped, the same count
+    assert report["macro"]["all"]["auroc"]["resamples_skipped"] == auroc["resamples_skipped"]
+
+
+def test_youden_without_a_separating_threshold_is_null_with_the_fallback_and_the_report_is_finite():
+    # every absent case scores above every present one: TPR > FPR nowhere, roc_curve's best is its +inf sentinel
+    p = np.array([0.9, 0.8, 0.7, 0.2, 0.1])
+    y = np.array([0.0, 0.0, 0.0, 1.0, 1.0])
+    threshold, reason = select_threshold(p, y, "youden")
+    assert threshold is None and "Youden's J <= 0" in reason
+    labels = np.stack([y, np.array([0.0, 1.0, 0.0, 1.0, 1.0])], 1)
+    probs = np.stack([p, np.array([0.1, 0.9, 0.2, 0.8, 0.6])], 1)
+    report = classification_metrics(probs, labels, ["inverted", "ok"], threshold_method="youden", n_bootstrap=30)
+    row = report["per_class"]["inverted"]
+    assert row["threshold"]["value"] is None and row["threshold"]["fallback"] == 0.5
+    pred = p > 0.5  # scored at the fallback, rule p > 0.5: three false positives, no true positive
+    assert row["precision"]["value"] == 0.0 and row["accuracy"]["value"] == pytest.approx(accuracy_score(y, pred))
+    assert report["per_class"]["ok"]["threshold"]["value"] == pytest.approx(0.6)
+    text = json.dumps(report, allow_nan=False)  # the report that used to raise ValueError
+    assert "Infinity" not in text and "NaN" not in text
+
+
+def test_headline_macro_counts_no_predicted_positives_as_zero_like_ct_clip():
+    """CT-CLIP's scripts/bootstrap_values.py (HEAD a2a155c) averages sklearn's precision_score, f1_score
+    (weighted) and accuracy_score over the findings; precision_score gives 0 without predicted positives."""
+    rng = np.random.default_rng(7)
+    labels = (rng.random((40, 3)) < 0.5).astype(float)
+    probs = np.clip(0.3 * labels + 0.6 * rng.random((40, 3)), 0, 1)
+    probs[:, 2] = 0.01  # never predicted present at any threshold on the grid
+    report = classification_metrics(probs, labels, ["a", "b", "never"], threshold_method="fixed", n_bootstrap=0)
+    expected = {"precision": [], "f1": [], "accuracy": []}
+    for j in range(3):
+        pred = probs[:, j] > 0.5
+        expected["precision"].append(precision_score(labels[:, j], pred, zero_division=0))
+        expected["f1"].append(f1_score(labels[:, j], pred, average="weighted", zero_division=0))
+        expected["accuracy"].append(accuracy_score(labels[:, j], pred))
+    for name, values in expected.items():
+        assert report["macro"]["all"][name]["value"] == pytest.approx(np.mean(values))
+    assert report["per_class"]["never"]["precision"] == {"value": None, "reason": "no predicted positives"}
+    assert report["macro"]["all"]["precision"]["findings_counted_as_zero"] == {"never": "no predicted positives"}
+    # our null-aware mean leaves the undefined finding out instead, under its own name
+    over_defined = report["macro_over_defined"]["all"]["precision"]
+    assert over_defined["value"] == pytest.approx(np.mean(expected["precision"][:2]))
+    assert over_defined["value"] > report["macro"]["all"]["precision"]["value"]
 
 
 def test_fvlm_macro_is_the_mean_of_its_sixteen_findings():
