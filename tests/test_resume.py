@@ -371,11 +371,11 @@ def test_a_nonfinite_step_is_skipped_counted_and_named(region_map, tiny_bert_dir
 
     @trainer.on(Events.ITERATION_STARTED)
     def _before(engine):
-        weights[("before", engine.state.iteration)] = model.image_encoder.heads["global"].weight.detach().clone()
+        weights[("before", engine.state.iteration)] = model.image_encoder.global_head.weight.detach().clone()
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _after(engine):
-        weights[("after", engine.state.iteration)] = model.image_encoder.heads["global"].weight.detach().clone()
+        weights[("after", engine.state.iteration)] = model.image_encoder.global_head.weight.detach().clone()
 
     with caplog.at_level("WARNING"):
         trainer.run()
@@ -386,7 +386,7 @@ def test_a_nonfinite_step_is_skipped_counted_and_named(region_map, tiny_bert_dir
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
     # an infinite gradient with a finite loss is skipped too
-    hook = model.image_encoder.heads["global"].weight.register_hook(lambda grad: grad * float("inf"))
+    hook = model.image_encoder.global_head.weight.register_hook(lambda grad: grad * float("inf"))
     trainer = ContrastiveTrainer("cpu", 1, loader, model, optimizer, _LossBrokenAt(set()), max_grad_norm=None,
                                  max_consecutive_nonfinite_steps=2)  # fmt: skip
     with pytest.raises(FloatingPointError, match="More than max_consecutive_nonfinite_steps=2 skipped steps in a row"):
@@ -405,7 +405,7 @@ def test_a_nonfinite_state_is_never_saved(region_map, tiny_bert_dir, tmp_path):
     model = _tiny_clip(region_map, tiny_bert_dir)
     loader = DataLoader(_batches(region_map, 2), batch_size=1, collate_fn=lambda items: items[0])
     with torch.no_grad():
-        model.image_encoder.heads["global"].weight[0, 0] = float("nan")
+        model.image_encoder.global_head.weight[0, 0] = float("nan")
     evaluator = ContrastiveEvaluator(
         "cpu",
         loader,
@@ -420,5 +420,5 @@ def test_a_nonfinite_state_is_never_saved(region_map, tiny_bert_dir, tmp_path):
     assert not (tmp_path / "model.pt").exists()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     trainer = ContrastiveTrainer("cpu", 1, loader, model, optimizer, _LossBrokenAt(set()))
-    with pytest.raises(FloatingPointError, match="refusing to save a checkpoint: parameter image_encoder.heads.global"):
+    with pytest.raises(FloatingPointError, match="refusing to save a checkpoint: parameter image_encoder.global_head"):
         RunState(trainer, optimizer, None, model).state_dict()
