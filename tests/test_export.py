@@ -56,3 +56,33 @@ def test_ckpt_export_scripts_with_embedded_configs_and_equals_eager(
     with torch.no_grad():
         eager, scripted = net(image.as_tensor()), loaded(image.as_tensor())
     assert scripted.shape == (1, 128) and (scripted - eager).abs().max() < 1e-4
+
+
+def test_served_bundle_merges_the_overrides_and_holds_the_models_weights(bundle_root, tiny_bert_dir, tmp_path):
+    """What MONAI Label serves for a model trained with an override: one inference.json that builds the model's
+    network (the demo's 128-d output), model.pt loading into it strictly, prompt embeddings of the same weights;
+    an existing folder is never overwritten."""
+    from monai.bundle import ConfigParser
+    from scripts.integration.served_bundle import write_served_bundle
+    from scripts.zero_shot import load_prompt_embeddings, sha256_file
+
+    parser = bundle_parser("train.json", "demo.json")
+    parser["text_model_name"] = str(tiny_bert_dir)
+    clip = parser.get_parsed_content("clip_model").eval()
+    root = write_served_bundle(tmp_path / "served", clip, ["configs/demo.json"], bundle_root)
+    served = ConfigParser()
+    served.read_config(str(root / "configs/inference.json"))
+    served["bundle_root"] = str(root)
+    network = served.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(root / "models/model.pt", weights_only=True), strict=True)
+    assert network.global_head.out_features == 128 and torch.equal(
+        network.global_head.weight, clip.image_encoder.global_head.weight
+    )
+    prompts, reason = load_prompt_embeddings(
+        root / "models/prompt_embeddings.safetensors",
+        root / "configs/zero_shot_prompts.json",
+        sha256_file(root / "models/model.pt"),
+    )
+    assert reason is None and prompts.prompt_embedding.shape[-1] == 128
+    with pytest.raises(FileExistsError, match="never overwrites"):
+        write_served_bundle(root, clip, ["configs/demo.json"], bundle_root)

@@ -6,8 +6,6 @@ without it.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from conftest import SAMPLE_DIR, bundle_parser
@@ -22,25 +20,13 @@ def label_bundle(bundle_root, tiny_bert_dir, tmp_path):
     """The bundle as a MONAI Label app serves it, for the demo model: ``configs/inference.json`` with the demo
     override merged in (`BundleInferTask` reads that one file), weights of a demo CLIP model in ``models/model.pt``
     and its prompt embeddings beside them."""
-    from monai.bundle import ConfigParser
-    from scripts.evaluation import load_prompt_templates
-    from scripts.zero_shot import save_prompt_embeddings
-
-    root = tmp_path / "ct_anatomy_clip"
-    shutil.copytree(bundle_root / "configs", root / "configs")
-    (root / "scripts").symlink_to(bundle_root / "scripts", target_is_directory=True)
-    merged = ConfigParser()
-    merged.read_config([str(bundle_root / "configs/inference.json"), str(bundle_root / "configs/demo.json")])
-    ConfigParser.export_config_file(merged.get(), str(root / "configs/inference.json"), indent=4)
+    from scripts.integration.served_bundle import write_served_bundle
 
     parser = bundle_parser("train.json", "demo.json")
     parser["text_model_name"] = str(tiny_bert_dir)
     torch.manual_seed(1)
     clip = parser.get_parsed_content("clip_model").eval()
-    (root / "models").mkdir()
-    torch.save(clip.image_encoder.state_dict(), root / "models/model.pt")
-    prompt_file = root / "configs/zero_shot_prompts.json"
-    save_prompt_embeddings(clip, load_prompt_templates(prompt_file), prompt_file, root / "models/model.pt")
+    root = write_served_bundle(tmp_path / "ct_anatomy_clip", clip, ["configs/demo.json"], bundle_root)
     return root, clip.image_encoder
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -35,24 +34,14 @@ SERIES = BUNDLE_ROOT / "tests/data/dicom/upper_abdomen_series"
 def _demo_bundle(work: Path) -> Path:
     """A bundle copy for the demo model: merged inference config, seeded weights, prompt embeddings, model.ts."""
     from monai.bundle import ConfigParser, ckpt_export
-    from scripts.evaluation import load_prompt_templates
-    from scripts.zero_shot import save_prompt_embeddings
+    from scripts.integration.served_bundle import write_served_bundle
 
-    root = work / "ct_anatomy_clip"
-    shutil.copytree(BUNDLE_ROOT / "configs", root / "configs")
-    (root / "scripts").symlink_to(BUNDLE_ROOT / "scripts", target_is_directory=True)
-    merged = ConfigParser()
-    merged.read_config([str(BUNDLE_ROOT / "configs/inference.json"), str(BUNDLE_ROOT / "configs/demo.json")])
-    ConfigParser.export_config_file(merged.get(), str(root / "configs/inference.json"), indent=4)
     parser = ConfigParser()
     parser.read_config([str(BUNDLE_ROOT / "configs/train.json"), str(BUNDLE_ROOT / "configs/demo.json")])
     parser["bundle_root"] = str(BUNDLE_ROOT)
     torch.manual_seed(0)
     clip = parser.get_parsed_content("clip_model").eval()
-    (root / "models").mkdir()
-    torch.save(clip.image_encoder.state_dict(), root / "models/model.pt")
-    prompt_file = root / "configs/zero_shot_prompts.json"
-    save_prompt_embeddings(clip, load_prompt_templates(prompt_file), prompt_file, root / "models/model.pt")
+    root = write_served_bundle(work / "ct_anatomy_clip", clip, ["configs/demo.json"])
     ckpt_export(
         net_id="network_def",
         filepath=str(root / "models/model.ts"),
