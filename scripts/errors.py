@@ -35,13 +35,17 @@ def _raised_in_bundle(exc: BaseException) -> bool:
 
 
 def cause_line(exc: BaseException) -> str:
-    """``"ERROR (cause): <type>: <first line of the message>"`` of the exception that explains ``exc``."""
+    """``"ERROR (cause): <type>: <message>"`` of the exception that explains ``exc``.
+
+    A message of several lines (a heading and a list of problems) is shown by its first two lines, the
+    heading and the first problem, with the count of lines left out (the full message is in the traceback).
+    """
     chain = exception_chain(exc)
     cause = next((e for e in chain if _raised_in_bundle(e)), chain[-1])
-    message = str(cause).strip()
-    first = message.splitlines()[0] if message else ""
-    more = " (details above)" if "\n" in message else ""
-    return f"ERROR (cause): {type(cause).__name__}: {first}{more}"
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    shown = " ".join(lines[:2])
+    more = f" (+{len(lines) - 2} more lines above)" if len(lines) > 2 else ""
+    return f"ERROR (cause): {type(cause).__name__}: {shown}{more}"
 
 
 def install_excepthook() -> None:

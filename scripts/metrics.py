@@ -487,7 +487,8 @@ class RetrievalRecall(Metric):
     duplicates are never counted as misses. With ``case_index``, rows repeated by `DistributedSampler`
     padding are counted once (`gather_cases`); without it every gathered row counts. With
     ``chance=True`` the metric reports the expected value of a random ranking instead, the baseline to
-    beat.
+    beat. The value is rounded to 1e-6 (a hit among M cases moves it by at least 1 / (M x cut-offs x
+    directions)), so float noise never makes an equal recall a new best.
 
     Args:
         ks: cut-offs ``K``.
@@ -547,7 +548,9 @@ class RetrievalRecall(Metric):
                 values.append(
                     chance_recall_at_k(relevant, k) if self.chance else recall_at_k(sim, relevant.to(sim.device), k)
                 )
-        return sum(values) / len(values)
+        # float32 sums over tied scores differ in the last bits from pass to pass; rounding to 1e-6 (far below
+        # one hit, 1 / M) keeps an unchanged ranking from counting as a new best checkpoint
+        return round(float(sum(values) / len(values)), 6)
 
 
 # ----------------------------------------------------------------------------------------------------

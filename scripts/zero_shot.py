@@ -55,6 +55,18 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """`safetensors.torch.save_file`, then the permissions of any file this user creates (``0o666 & ~umask``).
+
+    safetensors 0.8 creates its files readable by their owner only (0600), unlike every other output of the
+    bundle; a service reading embeddings under another account would be refused.
+    """
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _write_atomically(path: Path, write) -> None:
     """``write(tmp_path)``, then rename over ``path``: a reader never sees a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -98,7 +110,7 @@ def save_prompt_embeddings(
         "model_file": model_file.name,
     }
     path = model_file.parent / PROMPT_EMBEDDINGS_FILE
-    _write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    _write_atomically(path, lambda tmp: save_safetensors(tensors, tmp, metadata))
     logger.info(f"{path}: zero-shot prompt embeddings {tuple(prompt_embedding.shape)} for {model_file}")
     return path
 

@@ -183,6 +183,13 @@ def test_load_datalist_resolves_paths_and_reports_bad_items(sample_dir, tmp_path
     assert "4 problem(s)" in message and "item 0: image must be a file path, got 5" in message
     assert "item 1: study must be a string or an integer id" in message
     assert "item 2: label 'Medical material' is 'yes'" in message and "item 3: label 'Medical material' is 2" in message
+    # a bad validation section is reported with the training section's problems, in one run
+    path.write_text(json.dumps({"training": malformed[:1], "validation": [dict(good, study="v", seg="nope.nii.gz")]}))
+    with pytest.raises(ValueError) as info:
+        load_datalist(path, "training")
+    message = str(info.value)
+    assert "[training]: 2 problem(s)" in message and "item 0: image must be a file path" in message
+    assert f"[validation] item 0: seg file {tmp_path / 'nope.nii.gz'} does not exist" in message
 
 
 def test_report_assembly_and_sentences():

@@ -84,5 +84,7 @@ def test_served_bundle_merges_the_overrides_and_holds_the_models_weights(bundle_
         sha256_file(root / "models/model.pt"),
     )
     assert reason is None and prompts.prompt_embedding.shape[-1] == 128
+    mode = {p.name: p.stat().st_mode & 0o777 for p in (root / "models").iterdir()}
+    assert mode["prompt_embeddings.safetensors"] == mode["model.pt"]  # not safetensors' own 0600
     with pytest.raises(FileExistsError, match="never overwrites"):
         write_served_bundle(root, clip, ["configs/demo.json"], bundle_root)

@@ -255,6 +255,26 @@ def test_inference_run_writes_good_cases_on_their_own_grid_and_lists_refused_one
     # 500 mm across at 4 mm is larger than the demo's 32 x 32 input: the centre crop is recorded
     assert record["model_input"]["centre_crop"]["kept_voxels"] == [32, 32, 6]
     assert "liver_gallbladder" in record["regions_present"] and "DEMO0001" not in json.dumps(record)
+    # safetensors files get the permissions of the other outputs (safetensors alone writes 0600)
+    mode = {p.name: p.stat().st_mode & 0o777 for p in (out / "abdomen_00").iterdir() if p.is_file()}
+    assert mode["embeddings.safetensors"] == mode["case.json"]
+
+
+def test_a_run_whose_every_case_is_refused_fails_after_listing_them(bundle_root, tmp_path):
+    """Nothing written is not a success: the run lists the refused case, then raises (non-zero exit)."""
+    from scripts.errors import cause_line
+
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "empty.nii.gz").write_bytes(b"")
+    workflow = _inference_workflow(bundle_root, tmp_path, dataset_dir=str(cases))
+    workflow.initialize()
+    _random_weights(workflow, tmp_path)
+    with pytest.raises(RuntimeError) as info:  # MONAI's wrapper around the bundle's error
+        workflow.run()
+    assert cause_line(info.value).startswith("ERROR (cause): BadCaseError: every case was refused (1 of 1)")
+    refused = json.loads((tmp_path / "out/refused.json").read_text())
+    assert [r["image"] for r in refused] == ["empty.nii.gz"] and "empty.nii.gz" in refused[0]["reason"]
 
 
 def test_a_failed_run_ends_with_one_line_naming_the_cause(bundle_root, tmp_path):
@@ -299,6 +319,16 @@ def test_cause_line_prefers_the_bundles_own_exception():
             raise RuntimeError("wrapper") from err
     except RuntimeError as err:  # no bundle frame: the innermost exception
         assert cause_line(err).startswith("ERROR (cause): ValueError: invalid literal for int()")
+    # a heading and a list of problems: the heading, the first problem and how many lines are left out
+    try:
+        raise ValueError(
+            "datalist.json [training]: 3 problem(s):\n  item 1: missing ['text']\n  item 2: x\n  item 3: y"
+        )
+    except ValueError as err:
+        assert cause_line(err) == (
+            "ERROR (cause): ValueError: datalist.json [training]: 3 problem(s): item 1: missing ['text'] "
+            "(+2 more lines above)"
+        )
 
 
 def test_seg_source_totalsegmentator_says_how_to_install_it(monkeypatch):
@@ -426,7 +456,10 @@ def test_a_model_with_a_local_head_writes_a_map_per_finding_above_its_threshold(
     case = tmp_path / "out/chest_cta_00"
     scores = json.loads((case / "scores.json").read_text())["findings"]
     assert [f for f, s in scores.items() if s["above_threshold"]] == ["Emphysema"]
-    assert scores["Atelectasis"]["threshold"] is None and scores["Atelectasis"]["reason"] == "only negative cases"
+    assert scores["Atelectasis"]["threshold"] is None  # the evaluation could not choose one; the reason says where
+    assert scores["Atelectasis"]["reason"] == (
+        f"{tmp_path / 'models/thresholds.json'} (ct_clip rule on 3 validation cases): only negative cases"
+    )
     assert sorted(p.name for p in (case / "maps").iterdir()) == ["Emphysema.nii.gz"]
     ct = nib.load(sample_dir / "ct/chest_cta_00.nii.gz")
     emphysema = nib.load(case / "maps/Emphysema.nii.gz")

@@ -13,6 +13,7 @@ logger = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("image", "text", "study")
 PATH_KEYS = ("image", "seg")
+SECTIONS = ("training", "validation")
 MISSING_SEG = ("error", "no_regions")
 
 
@@ -61,7 +62,7 @@ def load_datalist(
         FileNotFoundError: the datalist itself is missing.
         ValueError: the section is missing or empty, or items lack a key, have an empty text, name a
             file that does not exist, or carry malformed labels; the message names the datalist and
-            lists the problems.
+            lists the problems, those of the file's other sections (`SECTIONS`) included.
     """
     if missing_seg not in MISSING_SEG:
         raise ValueError(f"missing_seg must be one of {MISSING_SEG}, got {missing_seg!r}")
@@ -72,6 +73,27 @@ def load_datalist(
     items = json.loads(datalist_path.read_text()).get(section)
     if not items:
         raise ValueError(f"{datalist_path}: section {section!r} is missing or empty")
+    resolved, problems, without_seg = _check_items(items, base, missing_seg)
+    if problems:
+        # every section of the file is checked before stopping, so one run lists all that needs fixing
+        datalist = json.loads(datalist_path.read_text())
+        for other in SECTIONS:
+            if other != section and isinstance(datalist.get(other), list):
+                problems += [f"[{other}] {p}" for p in _check_items(datalist[other], base, missing_seg)[1]]
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ValueError(f"{datalist_path} [{section}]: {len(problems)} problem(s):\n  {shown}{more}")
+    if section != "training":
+        _report_shared_patients(datalist_path, section, resolved, json.loads(datalist_path.read_text()), base)
+    if without_seg:
+        logger.warning(
+            f"{datalist_path} [{section}]: {without_seg} of {len(resolved)} items have no mask; they train without region tokens"
+        )
+    return resolved
+
+
+def _check_items(items: list, base: Path, missing_seg: str) -> tuple[list[dict], list[str], int]:
+    """Resolve and check the items of one datalist section: ``(resolved items, problems, items without seg)``."""
     problems, resolved, without_seg = [], [], 0
     for index, item in enumerate(items):
         missing = [k for k in REQUIRED_KEYS + (("seg",) if missing_seg == "error" else ()) if k not in item]
@@ -101,17 +123,7 @@ def load_datalist(
         except ValueError as err:
             problems.append(str(err))
         resolved.append(item)
-    if problems:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise ValueError(f"{datalist_path} [{section}]: {len(problems)} problem(s):\n  {shown}{more}")
-    if section != "training":
-        _report_shared_patients(datalist_path, section, resolved, json.loads(datalist_path.read_text()), base)
-    if without_seg:
-        logger.warning(
-            f"{datalist_path} [{section}]: {without_seg} of {len(resolved)} items have no mask; they train without region tokens"
-        )
-    return resolved
+    return resolved, problems, without_seg
 
 
 def _report_shared_patients(datalist_path: Path, section: str, items: list[dict], datalist: dict, base: Path) -> None:

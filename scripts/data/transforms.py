@@ -208,9 +208,14 @@ class RescaleToHUd(MapTransform):
                 values = values[values > -1500]
                 air = float(torch.quantile(values.float(), 0.01)) if values.numel() else float("nan")
                 if not self.air_hu[0] <= air <= self.air_hu[1]:
+                    rescale = (
+                        f"after the table's rescale slope={slope} intercept={intercept}"
+                        if slope is not None and intercept is not None
+                        else "as the reader returned it (a DICOM series' own RescaleSlope/RescaleIntercept applied)"
+                    )
                     raise BadCaseError(
-                        f"{name}: air reads {air:.0f} HU (1st percentile), expected within {self.air_hu}; "
-                        f"rescale slope={slope} intercept={intercept}: the volume is not in HU or was rescaled twice"
+                        f"{name}: air reads {air:.0f} HU (1st percentile) {rescale}, expected within {self.air_hu}: "
+                        "the volume is not in HU or was rescaled twice"
                     )
         return d
 

@@ -36,6 +36,27 @@ def require_weights(model_file: str) -> str:
     return model_file
 
 
+def require_cases_written(metrics: dict, output_dir: str) -> None:
+    """After an inference run: fail (non-zero exit) when cases were read and every one was refused.
+
+    A run with some good cases succeeds and lists the refused ones in ``refused.json``; a run that wrote
+    nothing must not look like a success to the pipeline that started it.
+
+    Args:
+        metrics: the engine's ``state.metrics`` with ``cases_written`` and ``cases_refused`` (`RefusedCases`).
+        output_dir: the run's output folder, for the message.
+
+    Raises:
+        BadCaseError: no case was written and at least one was refused.
+    """
+    refused = int(metrics.get("cases_refused", 0))
+    if refused and not metrics.get("cases_written", 0):
+        raise BadCaseError(
+            f"every case was refused ({refused} of {refused}); nothing written: the reasons are in "
+            f"{Path(output_dir) / 'refused.json'}"
+        )
+
+
 def refusal_reason(err: BaseException) -> str:
     """Why a case failed: the bundle's `BadCaseError` message in the exception chain, else the root cause."""
     chain = exception_chain(err)

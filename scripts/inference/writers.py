@@ -29,13 +29,12 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.transforms import SpatialResample
-from safetensors.torch import save_file
 
 from .. import metrics as M
 from .. import visualize
 from ..data.ctrate import FINDINGS
 from ..evaluation import network_grid_affine
-from ..zero_shot import load_prompt_embeddings, load_thresholds, sha256_file
+from ..zero_shot import load_prompt_embeddings, load_thresholds, save_safetensors, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +169,7 @@ class CaseWriter:
             tensors["local_embedding"] = features["local_embedding"]
         metadata = {"format": EMBEDDING_FORMAT, "case_id": case["case_id"], "model_sha256": self.model_sha256}
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(folder / "embeddings.safetensors"), metadata=metadata)
+        save_safetensors(tensors, folder / "embeddings.safetensors", metadata)
 
     def _scores(self, global_embedding: torch.Tensor) -> dict:
         if self.prompts is None:
@@ -183,7 +182,11 @@ class CaseWriter:
             chosen = (self.thresholds or {}).get(finding)
             if chosen is None or chosen.get("threshold") is None:
                 entry["threshold_source"] = None
-                entry["reason"] = (chosen or {}).get("reason") or self.threshold_source
+                entry["reason"] = (
+                    f"{self.threshold_source}: {chosen['reason']}"
+                    if chosen and chosen.get("reason")
+                    else self.threshold_source
+                )
             else:
                 t = float(chosen["threshold"])
                 entry.update(threshold=t, rule=chosen["rule"], threshold_source=self.threshold_source)
