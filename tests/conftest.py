@@ -81,6 +81,21 @@ def bundle_parser(*configs: str):
     return parser
 
 
+def bundle_workflow(configs, workflow_type: str, **override):
+    """A MONAI `ConfigWorkflow` of the bundle's configs (file names under configs/, merged in order), rooted at
+    the bundle, with its metadata and logging configuration; ``override`` as ``--key value`` would set them."""
+    from monai.bundle import ConfigWorkflow
+
+    return ConfigWorkflow(
+        config_file=[str(BUNDLE_ROOT / "configs" / c) for c in configs],
+        meta_file=str(BUNDLE_ROOT / "configs/metadata.json"),
+        logging_file=str(BUNDLE_ROOT / "configs/logging.conf"),
+        workflow_type=workflow_type,
+        bundle_root=str(BUNDLE_ROOT),
+        **override,
+    )
+
+
 def tiny_encoder(region_map, **overrides):
     """A small `AnatomyAwareCTEncoder` for fast CPU tests (patch (4, 8, 8), width 32)."""
     from scripts.networks import AnatomyAwareCTEncoder

@@ -8,20 +8,13 @@ import json
 
 import pytest
 import torch
-from conftest import bundle_parser
+from conftest import bundle_parser, bundle_workflow
 from monai.bundle import ConfigWorkflow
 from scripts.data import FINDINGS
 
 
 def _workflow(bundle_root, configs, workflow_type, **override) -> ConfigWorkflow:
-    return ConfigWorkflow(
-        config_file=[str(bundle_root / "configs" / c) for c in configs],
-        meta_file=str(bundle_root / "configs/metadata.json"),
-        logging_file=str(bundle_root / "configs/logging.conf"),
-        workflow_type=workflow_type,
-        bundle_root=str(bundle_root),
-        **override,
-    )
+    return bundle_workflow(configs, workflow_type, **override)
 
 
 def _read_safetensors(path) -> tuple[dict, dict]:

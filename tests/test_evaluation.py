@@ -11,8 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import bundle_parser, run_with_hang_guard
-from monai.bundle import ConfigWorkflow
+from conftest import bundle_parser, bundle_workflow, run_with_hang_guard
 from monai.transforms import Compose
 from scripts.data import FINDINGS
 from scripts.evaluation import load_prompt_templates, network_grid_affine, save_map_on_ct
@@ -22,12 +21,9 @@ LIVER = 5
 
 
 def _evaluate(bundle_root, tmp_path, checkpoint, **override) -> dict:
-    workflow = ConfigWorkflow(
-        config_file=[str(bundle_root / "configs" / c) for c in CONFIGS],
-        meta_file=str(bundle_root / "configs/metadata.json"),
-        logging_file=str(bundle_root / "configs/logging.conf"),
-        workflow_type="infer",
-        bundle_root=str(bundle_root),
+    workflow = bundle_workflow(
+        CONFIGS,
+        "infer",
         eval_checkpoint=str(checkpoint),
         eval_dir=str(tmp_path / "eval"),
         log_dir=str(tmp_path / "logs"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import bundle_parser
+from conftest import bundle_parser, bundle_workflow
 from monai.bundle import ConfigWorkflow
 from safetensors import safe_open
 from scripts.data import FINDINGS
@@ -20,12 +20,9 @@ DICOM_MASK = DATA / "dicom/upper_abdomen_series_seg.nii.gz"
 
 
 def _inference_workflow(bundle_root, tmp_path, **override) -> ConfigWorkflow:
-    return ConfigWorkflow(
-        config_file=[str(bundle_root / "configs/inference.json"), str(bundle_root / "configs/demo.json")],
-        meta_file=str(bundle_root / "configs/metadata.json"),
-        logging_file=str(bundle_root / "configs/logging.conf"),
-        workflow_type="infer",
-        bundle_root=str(bundle_root),
+    return bundle_workflow(
+        ("inference.json", "demo.json"),
+        "infer",
         ckpt_dir=str(tmp_path / "models"),
         output_dir=str(tmp_path / "out"),
         **override,
@@ -422,9 +419,8 @@ def test_a_model_with_a_local_head_writes_a_map_per_finding_above_its_threshold(
     (cases / "seg").mkdir(parents=True)
     (cases / "chest_cta_00.nii.gz").write_bytes((sample_dir / "ct/chest_cta_00.nii.gz").read_bytes())
     (cases / "seg/chest_cta_00.nii.gz").write_bytes((sample_dir / "seg/chest_cta_00.nii.gz").read_bytes())
-    workflow = ConfigWorkflow(
-        config_file=[str(bundle_root / "configs" / c) for c in ("inference.json", "demo.json", "ablation.json")],
-        workflow_type="infer", bundle_root=str(bundle_root), ckpt_dir=str(tmp_path / "models"),
+    workflow = bundle_workflow(
+        ("inference.json", "demo.json", "ablation.json"), "infer", ckpt_dir=str(tmp_path / "models"),
         output_dir=str(tmp_path / "out"), dataset_dir=str(cases), save_local=True,
     )  # fmt: skip
     workflow.initialize()

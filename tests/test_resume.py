@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import bundle_workflow
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
@@ -50,14 +51,7 @@ def _overrides(small_sample, tiny_bert_dir, cache_dir, ckpt_dir, **override) -> 
 
 
 def _workflow(bundle_root, overrides: dict) -> ConfigWorkflow:
-    return ConfigWorkflow(
-        config_file=[str(bundle_root / "configs" / c) for c in CONFIGS],
-        meta_file=str(bundle_root / "configs/metadata.json"),
-        logging_file=str(bundle_root / "configs/logging.conf"),
-        workflow_type="train",
-        bundle_root=str(bundle_root),
-        **overrides,
-    )
+    return bundle_workflow(CONFIGS, "train", **overrides)
 
 
 def _train(bundle_root, overrides: dict, fail_at: int | None = None) -> dict:

@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+from conftest import bundle_workflow
 from monai.bundle import ConfigWorkflow
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -14,13 +15,10 @@ mlflow = pytest.importorskip("mlflow")
 
 
 def _workflow(bundle_root, tmp_path, tiny_bert_dir, configs, **override) -> ConfigWorkflow:
-    return ConfigWorkflow(
-        config_file=[str(bundle_root / "configs" / c) for c in configs],
-        meta_file=str(bundle_root / "configs/metadata.json"),
-        logging_file=str(bundle_root / "configs/logging.conf"),
-        workflow_type="train",
+    return bundle_workflow(
+        configs,
+        "train",
         tracking="mlflow",
-        bundle_root=str(bundle_root),
         ckpt_dir=str(tmp_path / "models"),
         log_dir=str(tmp_path / "logs"),
         cache_dir=str(tmp_path / "cache"),
@@ -86,12 +84,10 @@ def test_mlflow_tracks_inference(bundle_root, sample_dir, tmp_path):
     cases = tmp_path / "cases"
     cases.mkdir()
     (cases / "abdomen_00.nii.gz").write_bytes((sample_dir / "ct/abdomen_00.nii.gz").read_bytes())
-    workflow = ConfigWorkflow(
-        config_file=[str(bundle_root / "configs/inference.json"), str(bundle_root / "configs/demo.json")],
-        meta_file=str(bundle_root / "configs/metadata.json"),
-        workflow_type="infer",
+    workflow = bundle_workflow(
+        ("inference.json", "demo.json"),
+        "infer",
         tracking="mlflow",
-        bundle_root=str(bundle_root),
         ckpt_dir=str(tmp_path / "models"),
         dataset_dir=str(cases),
         output_dir=f"$'{tmp_path / 'out'}'",

@@ -10,18 +10,15 @@ import sys
 
 import pytest
 import torch
-from conftest import bundle_parser, run_with_hang_guard
+from conftest import bundle_parser, bundle_workflow, run_with_hang_guard
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
 
 
 def _workflow(bundle_root, tmp_path, configs=("train.json", "demo.json"), **override) -> ConfigWorkflow:
-    return ConfigWorkflow(
-        config_file=[str(bundle_root / "configs" / c) for c in configs],
-        meta_file=str(bundle_root / "configs/metadata.json"),
-        logging_file=str(bundle_root / "configs/logging.conf"),
-        workflow_type="train",
-        bundle_root=str(bundle_root),
+    return bundle_workflow(
+        configs,
+        "train",
         ckpt_dir=str(tmp_path / "models"),
         log_dir=str(tmp_path / "logs"),
         cache_dir=str(tmp_path / "cache"),
