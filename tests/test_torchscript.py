@@ -3,7 +3,6 @@
 import pytest
 import torch
 from conftest import bundle_parser, packed_input, tiny_encoder
-from monai.transforms import Compose
 
 
 @pytest.fixture(scope="module")
@@ -15,11 +14,7 @@ def demo_parser():
 def sample_input(demo_parser, sample_datalist, sample_dir) -> torch.Tensor:
     """The first validation crop through the demo's validation chain and HU window: ``(1, 2, 12, 32, 32)``."""
     item = sample_datalist["validation"][0]
-    chain = Compose(
-        demo_parser.get_parsed_content("load_transforms")
-        + [demo_parser.get_parsed_content("validate#crop")]
-        + demo_parser.get_parsed_content("pack_transforms")
-    )
+    chain = demo_parser.get_parsed_content("validate#preprocessing")
     packed = chain({"image": str(sample_dir / item["image"]), "seg": str(sample_dir / item["seg"])})["image"]
     image = demo_parser.get_parsed_content("input_window")(packed[None])
     assert image.shape == (1, 2, 12, 32, 32) and image[0, 1].max() > 0  # the crop holds labelled anatomy

@@ -255,7 +255,6 @@ def seed_size_cpu(sample_index: int = 0) -> dict:
     that `configs/train.json` selects on a machine without CUDA.
     """
     from monai.bundle import ConfigParser
-    from monai.transforms import Compose
 
     config = ConfigParser()
     config.read_config(str(BUNDLE_ROOT / "configs/train.json"))
@@ -263,11 +262,7 @@ def seed_size_cpu(sample_index: int = 0) -> dict:
     impl = config.get_parsed_content("attention_impl")  # as evaluated on this machine (the CPU)
     sample = BUNDLE_ROOT / "tests/data/sample"
     item = json.loads((sample / "datalist.json").read_text())["validation"][sample_index]
-    chain = Compose(
-        config.get_parsed_content("load_transforms")
-        + [config.get_parsed_content("validate#crop")]
-        + config.get_parsed_content("pack_transforms")
-    )
+    chain = config.get_parsed_content("validate#preprocessing")
     packed = chain({"image": str(sample / item["image"]), "seg": str(sample / item["seg"])})["image"]
     image = config.get_parsed_content("input_window")(packed[None])
     with tempfile.TemporaryDirectory() as tmp:
