@@ -21,7 +21,8 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -113,19 +114,13 @@ class CTReportEvaluator(ContrastiveEvaluator):
         steps = [(i, j, step) for i, item in enumerate(batchdata["cot_steps"]) for j, step in enumerate(item)]
         num_regions = model.image_encoder.num_regions
         device_type = torch.device(engine.state.device).type
-        captured = {}
-        last_attn = model.image_encoder.blocks[-1].attn
-        hook = last_attn.register_forward_hook(lambda m, args, out: captured.update(x=args[0], slices=args[1]))
-        try:
-            with engine.mode(model), torch.autocast(
-                device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-            ):
-                features = model.image_encoder.forward_features(image)
-                text_embedding = model.text_encoder(texts)
-                step_embedding = model.text_encoder([s["text"] for _, _, s in steps]) if steps else None
-                cls_attention = cls_attention_row(last_attn, captured["x"], captured["slices"])
-        finally:
-            hook.remove()
+        with capturing_cls_attention(model.image_encoder) as cls_row, engine.mode(model), torch.autocast(
+            device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        ):
+            features = model.image_encoder.forward_features(image)
+            text_embedding = model.text_encoder(texts)
+            step_embedding = model.text_encoder([s["text"] for _, _, s in steps]) if steps else None
+            cls_attention = cls_row()
         case_index = torch.as_tensor(batchdata["case_index"]).long()
         region_text = batchdata.get("region_text") or [[""] * num_regions for _ in texts]
         normal = batchdata.get("region_normal", torch.zeros(len(texts), num_regions, dtype=torch.bool))
@@ -172,6 +167,22 @@ def cls_attention_row(attn, x: torch.Tensor, token_slices: torch.Tensor) -> torc
         index = slice_distance_index(token_slices, attn.num_slice_buckets)[:1]  # (1, T): CLS row, all 0
         logits = logits + attn.slice_bias[:, index].to(logits.dtype)[None]
     return logits.softmax(-1)[:, :, 0, 1:].mean(1)  # (B, N)
+
+
+@contextmanager
+def capturing_cls_attention(encoder: torch.nn.Module) -> Iterator[Callable[[], torch.Tensor]]:
+    """Record the input of the encoder's last attention layer while the block runs.
+
+    Yields a function that returns `cls_attention_row` ``(B, N)`` of the latest forward pass; the hook is
+    removed on leaving the block, also when the forward raises.
+    """
+    last_attn = encoder.blocks[-1].attn
+    captured = {}
+    hook = last_attn.register_forward_hook(lambda m, args, out: captured.update(x=args[0], slices=args[1]))
+    try:
+        yield lambda: cls_attention_row(last_attn, captured["x"], captured["slices"])
+    finally:
+        hook.remove()
 
 
 def _to_cpu(gathered: tuple) -> tuple:

@@ -70,13 +70,13 @@ def load_datalist(
     if not datalist_path.is_file():
         raise FileNotFoundError(f"datalist {datalist_path} does not exist")
     base = Path(base_dir) if base_dir is not None else datalist_path.parent
-    items = json.loads(datalist_path.read_text()).get(section)
+    datalist = json.loads(datalist_path.read_text())
+    items = datalist.get(section)
     if not items:
         raise ValueError(f"{datalist_path}: section {section!r} is missing or empty")
     resolved, problems, without_seg = _check_items(items, base, missing_seg)
     if problems:
         # every section of the file is checked before stopping, so one run lists all that needs fixing
-        datalist = json.loads(datalist_path.read_text())
         for other in SECTIONS:
             if other != section and isinstance(datalist.get(other), list):
                 problems += [f"[{other}] {p}" for p in _check_items(datalist[other], base, missing_seg)[1]]
@@ -84,7 +84,7 @@ def load_datalist(
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise ValueError(f"{datalist_path} [{section}]: {len(problems)} problem(s):\n  {shown}{more}")
     if section != "training":
-        _report_shared_patients(datalist_path, section, resolved, json.loads(datalist_path.read_text()), base)
+        _report_shared_patients(datalist_path, section, resolved, datalist, base)
     if without_seg:
         logger.warning(
             f"{datalist_path} [{section}]: {without_seg} of {len(resolved)} items have no mask; they train without region tokens"

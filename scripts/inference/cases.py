@@ -49,17 +49,7 @@ def nifti_stem(path: Path) -> str:
 
 
 def _within(path: Path, folder: Path | None) -> bool:
-    if folder is None:
-        return False
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
-
-
-def _has_dicom_files(folder: Path) -> bool:
-    return any(p.is_file() and not is_nifti(p) and is_dicom_file(p) for p in folder.iterdir())
+    return folder is not None and path.resolve().is_relative_to(folder.resolve())
 
 
 def _scan(dataset_dir: Path, seg_dir: Path | None) -> list[dict]:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from ..data import BadCaseError
 from ..engines import _autocast_dtype
 from ..errors import exception_chain
-from ..evaluation import cls_attention_row
+from ..evaluation import capturing_cls_attention
 
 CASE_KEYS = ("case_id", "input_image", "input_mask", "input_kind")
 
@@ -144,18 +144,12 @@ class CTEmbeddingInferer(SupervisedEvaluator):
             return engine.state.output
         image = batchdata[Keys.IMAGE].to(engine.state.device, non_blocking=engine.non_blocking)
         encoder = engine.network
-        last_attn = encoder.blocks[-1].attn
-        captured = {}
-        hook = last_attn.register_forward_hook(lambda m, args, out: captured.update(x=args[0], slices=args[1]))
         device_type = torch.device(engine.state.device).type
-        try:
-            with engine.mode(encoder), torch.autocast(
-                device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-            ):
-                features = engine.inferer(image, _ForwardFeatures(encoder))
-                cls_attention = cls_attention_row(last_attn, captured["x"], captured["slices"])
-        finally:
-            hook.remove()
+        with capturing_cls_attention(encoder) as cls_row, engine.mode(encoder), torch.autocast(
+            device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        ):
+            features = engine.inferer(image, _ForwardFeatures(encoder))
+            cls_attention = cls_row()
         features = {k: v.float() if v.is_floating_point() else v for k, v in features.items()}
         engine.state.output = {
             Keys.IMAGE: image,
