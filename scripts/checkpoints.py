@@ -235,9 +235,6 @@ class SafeCheckpointLoader(CheckpointLoader):
         UnsafeCheckpointError: the file holds objects that a ``weights_only`` load refuses.
     """
 
-    def __init__(self, load_path: str, load_dict: dict, map_location=None) -> None:
-        super().__init__(load_path=load_path, load_dict=load_dict, map_location=map_location)
-
     def __call__(self, engine: Engine) -> None:
         try:
             super().__call__(engine)

@@ -41,6 +41,7 @@ from . import visualize
 from .data.ctrate import FINDINGS
 from .engines import ContrastiveEvaluator, _contrastive_batch
 from .networks.slice_attention import slice_distance_index
+from .zero_shot import compute_prompt_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -374,13 +375,7 @@ class EvaluationReport:
         self.device = torch.device(engine.state.device)  # gathers run where the backend does (CUDA for nccl)
         self.cases = M.CaseAccumulator(self.device)
         self.steps = M.CaseAccumulator(self.device)
-        training = self.model.training
-        self.model.eval()
-        with torch.no_grad():
-            self.prompts = M.prompt_embeddings(
-                lambda t: self.model.text_encoder(t).float().cpu(), FINDINGS, self.templates
-            )
-        self.model.train(training)
+        self.prompts = compute_prompt_embeddings(self.model, self.templates)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self._rank0:
             logger.info(f"evaluating {len(self.dataset)} cases; the report goes to {self.output_dir}")

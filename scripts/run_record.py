@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -146,6 +146,13 @@ def _checkpoint_files(ckpt_dir: Path) -> list[str]:
     return sorted({p.name for pattern in CHECKPOINT_GLOBS for p in ckpt_dir.glob(pattern) if p.is_file()})
 
 
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp_path)``, then rename over ``path``: a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def claim_ckpt_dir(ckpt_dir: str | Path, record: Mapping, write: bool = True) -> None:
     """Before training starts: stop rather than overwrite checkpoints of another configuration, then record this one.
 
@@ -187,6 +194,4 @@ def claim_ckpt_dir(ckpt_dir: str | Path, record: Mapping, write: bool = True) ->
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         path = ckpt_dir / RECORD_FILE
         content = dict(record, written=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(content, indent=4) + "\n")
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(content, indent=4) + "\n"))

@@ -32,7 +32,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import metrics as M
+from .checkpoints import load_checkpoint
 from .data.ctrate import FINDINGS
+from .run_record import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +67,6 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
-
-
-def _write_atomically(path: Path, write) -> None:
-    """``write(tmp_path)``, then rename over ``path``: a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def compute_prompt_embeddings(clip_model: torch.nn.Module, templates: Sequence[Sequence[str]]) -> torch.Tensor:
@@ -110,7 +105,7 @@ def save_prompt_embeddings(
         "model_file": model_file.name,
     }
     path = model_file.parent / PROMPT_EMBEDDINGS_FILE
-    _write_atomically(path, lambda tmp: save_safetensors(tensors, tmp, metadata))
+    write_atomically(path, lambda tmp: save_safetensors(tensors, tmp, metadata))
     logger.info(f"{path}: zero-shot prompt embeddings {tuple(prompt_embedding.shape)} for {model_file}")
     return path
 
@@ -239,9 +234,9 @@ def write_prompt_embeddings_for_checkpoint(
     for path in (Path(checkpoint), model_file):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = load_checkpoint(checkpoint, map_location="cpu")
     clip_model.load_state_dict(state.get("model", state), strict=True)
-    if not _same_weights(clip_model.image_encoder, torch.load(model_file, map_location="cpu", weights_only=True)):
+    if not _same_weights(clip_model.image_encoder, load_checkpoint(model_file, map_location="cpu")):
         raise ValueError(
             f"the image encoder in {checkpoint} differs from {model_file}: they are not from one checkpoint, so "
             "its text tower cannot stand for model.pt (name the matching file with --prompt_checkpoint)"
@@ -275,7 +270,7 @@ class ThresholdWriter:
         if report is None:
             return  # not rank 0
         if not self.model_file.is_file() or not _same_weights(
-            self.clip_model.image_encoder, torch.load(self.model_file, map_location="cpu", weights_only=True)
+            self.clip_model.image_encoder, load_checkpoint(self.model_file, map_location="cpu")
         ):
             logger.warning(f"thresholds not written: the evaluated image encoder is not {self.model_file}")
             return
@@ -298,7 +293,7 @@ class ThresholdWriter:
             "findings": findings,
         }
         path = self.model_file.parent / THRESHOLDS_FILE
-        _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(record, indent=4, allow_nan=False) + "\n"))
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(record, indent=4, allow_nan=False) + "\n"))
         logger.info(f"{path}: zero-shot thresholds ({record['threshold_method']}) for {self.model_file}")
 
 

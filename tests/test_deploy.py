@@ -7,14 +7,13 @@ without it.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import bundle_parser
+from conftest import bundle_parser, bundle_workflow, run_with_hang_guard
 
 pytest.importorskip(
     "monai.deploy", reason="monai-deploy-app-sdk is not installed (pip install -r requirements-deploy.txt)"
@@ -24,7 +23,7 @@ SERIES = Path(__file__).resolve().parent / "data/dicom/upper_abdomen_series"
 
 
 def test_deploy_app_embeds_the_dicom_series_as_bundle_inference_does(bundle_root, tmp_path):
-    from monai.bundle import ConfigWorkflow, ckpt_export
+    from monai.bundle import ckpt_export
     from safetensors.torch import load_file
 
     models = tmp_path / "models"
@@ -39,18 +38,16 @@ def test_deploy_app_embeds_the_dicom_series_as_bundle_inference_does(bundle_root
 
     command = [sys.executable, "-m", "scripts.integration.deploy_app", "-i", str(SERIES), "-o", str(tmp_path / "app"),
                "-m", str(models / "model.ts")]  # fmt: skip
-    done = subprocess.run(command, cwd=bundle_root, capture_output=True, text=True, timeout=1200)
+    done = run_with_hang_guard(command, bundle_root)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     deployed = np.load(tmp_path / "app/global_embedding.npy")
 
     cases = tmp_path / "cases"
     cases.mkdir()
     (cases / SERIES.name).symlink_to(SERIES, target_is_directory=True)
-    workflow = ConfigWorkflow(
-        config_file=[str(bundle_root / "configs/inference.json"), str(bundle_root / "configs/demo.json")],
-        meta_file=str(bundle_root / "configs/metadata.json"),
-        workflow_type="infer",
-        bundle_root=str(bundle_root),
+    workflow = bundle_workflow(
+        ("inference.json", "demo.json"),
+        "infer",
         ckpt_dir=str(models),
         dataset_dir=str(cases),
         output_dir=str(tmp_path / "bundle"),

@@ -56,13 +56,10 @@ def time_workflow(configs: list[str], dataset_dir: Path, work: Path) -> list[dic
     files = [str(BUNDLE_ROOT / "configs" / c) for c in configs]
     overrides = dict(bundle_root=str(BUNDLE_ROOT), dataset_dir=str(dataset_dir), ckpt_dir=str(work / "models"),
                      output_dir=str(work / "out"), num_workers=0)  # fmt: skip
-    parser = ConfigParser()
-    parser.read_config(files)
-    parser.update(overrides)
-    (work / "models").mkdir(parents=True, exist_ok=True)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), work / "models/model.pt")
     workflow = ConfigWorkflow(config_file=files, workflow_type="infer", **overrides)
     workflow.initialize()
+    (work / "models").mkdir(parents=True, exist_ok=True)
+    torch.save(workflow.parser.get_parsed_content("network_def").state_dict(), work / "models/model.pt")
     engine = workflow.parser.get_parsed_content("evaluator")
     rows, now = [], {}
 

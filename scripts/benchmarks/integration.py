@@ -46,10 +46,8 @@ def _demo_bundle(work: Path) -> Path:
         net_id="network_def",
         filepath=str(root / "models/model.ts"),
         ckpt_file=str(root / "models/model.pt"),
-        config_file=[str(BUNDLE_ROOT / "configs/inference.json"), str(BUNDLE_ROOT / "configs/demo.json")],
-        meta_file=str(BUNDLE_ROOT / "configs/metadata.json"),
+        args_file=str(BUNDLE_ROOT / "configs/demo_export.json"),  # its paths are relative to the bundle root
         bundle_root=str(BUNDLE_ROOT),
-        **{"_meta_#network_data_format#outputs#pred#num_channels": 128},
     )
     return root
 
