@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 
+import ignite.distributed as idist
 import torch
 from ignite.metrics import Metric
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
@@ -290,10 +291,7 @@ class ContrastiveTrainer(SupervisedTrainer):
 
 def _on_any_rank(flag: torch.Tensor) -> bool:
     """``flag`` (a bool tensor) true on any DDP rank: every rank then takes the same branch."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        flag = flag.to(torch.int32)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag)
+    return bool(idist.all_reduce(flag.to(torch.int32), op="MAX"))  # the flag itself outside a process group
 
 
 def _no_steps(features: dict) -> torch.Tensor:

@@ -13,10 +13,6 @@ from monai.bundle import ConfigWorkflow
 from scripts.data import FINDINGS
 
 
-def _workflow(bundle_root, configs, workflow_type, **override) -> ConfigWorkflow:
-    return bundle_workflow(configs, workflow_type, **override)
-
-
 def _read_safetensors(path) -> tuple[dict, dict]:
     from safetensors import safe_open
 
@@ -50,15 +46,15 @@ def labelled_sample(sample_datalist, sample_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(bundle_root, labelled_sample, tiny_bert_dir, tmp_path_factory):
+def trained(labelled_sample, tiny_bert_dir, tmp_path_factory):
     """A 2-epoch demo training with the tiny BERT, then its evaluation: the files a user's models/ holds."""
     tmp = tmp_path_factory.mktemp("trained")
     common = dict(dataset_dir=str(labelled_sample), text_model_name=str(tiny_bert_dir), ckpt_dir=str(tmp / "models"),
                   log_dir=str(tmp / "logs"), cache_dir=str(tmp / "cache"))  # fmt: skip
-    _run(_workflow(bundle_root, ("train.json", "demo.json"), "train", max_epochs=2, val_interval=1, **common))
+    _run(bundle_workflow(("train.json", "demo.json"), "train", max_epochs=2, val_interval=1, **common))
     _run(
-        _workflow(bundle_root, ("train.json", "demo.json", "evaluate.json"), "infer", n_bootstrap=0,
-                  eval_dir=str(tmp / "eval"), num_maps=0, **common)  # fmt: skip
+        bundle_workflow(("train.json", "demo.json", "evaluate.json"), "infer", n_bootstrap=0,
+                        eval_dir=str(tmp / "eval"), num_maps=0, **common)  # fmt: skip
     )
     return tmp, common
 
@@ -91,7 +87,7 @@ def test_training_records_its_configuration_and_the_prompt_embeddings_of_model_p
     assert all(entry["threshold"] is not None for entry in thresholds["findings"].values())
 
 
-def test_inference_scores_equal_the_evaluation_without_a_text_model(bundle_root, trained, labelled_sample, sample_dir):
+def test_inference_scores_equal_the_evaluation_without_a_text_model(trained, labelled_sample, sample_dir):
     """Zero-shot probabilities at inference (prompt file, no text tower) equal the evaluation's per_case.csv."""
     tmp, common = trained
     cases = tmp / "cases"
@@ -102,8 +98,8 @@ def test_inference_scores_equal_the_evaluation_without_a_text_model(bundle_root,
         (cases / f"{name}.nii.gz").write_bytes(open(item["image"], "rb").read())
         (cases / f"seg/{name}.nii.gz").write_bytes(open(item["seg"], "rb").read())
     out = tmp / "inference"
-    _run(_workflow(bundle_root, ("inference.json", "demo.json"), "infer", dataset_dir=str(cases), output_dir=str(out),
-                   ckpt_dir=common["ckpt_dir"]))  # fmt: skip
+    _run(bundle_workflow(("inference.json", "demo.json"), "infer", dataset_dir=str(cases), output_dir=str(out),
+                         ckpt_dir=common["ckpt_dir"]))  # fmt: skip
     with open(tmp / "eval/per_case.csv") as f:
         evaluated = {row["case_id"]: row for row in csv.DictReader(f)}
     thresholds = json.loads((tmp / "models/thresholds.json").read_text())["findings"]
@@ -137,7 +133,7 @@ def test_changed_prompts_or_other_weights_are_detected(bundle_root, trained, tmp
     assert prompts is None and "made for other weights" in reason
 
 
-def test_prompt_embedding_step_remakes_the_file_for_an_existing_checkpoint(bundle_root, trained, tmp_path):
+def test_prompt_embedding_step_remakes_the_file_for_an_existing_checkpoint(trained, tmp_path):
     import shutil
 
     tmp, common = trained
@@ -146,11 +142,8 @@ def test_prompt_embedding_step_remakes_the_file_for_an_existing_checkpoint(bundl
     before = _read_safetensors(models / "prompt_embeddings.safetensors")
     (models / "prompt_embeddings.safetensors").unlink()
     _run(
-        _workflow(
-            bundle_root,
-            ("train.json", "demo.json", "prompt_embeddings.json"),
-            None,
-            **dict(common, ckpt_dir=str(models)),
+        bundle_workflow(
+            ("train.json", "demo.json", "prompt_embeddings.json"), None, **dict(common, ckpt_dir=str(models))
         )
     )
     after = _read_safetensors(models / "prompt_embeddings.safetensors")
@@ -162,17 +155,14 @@ def test_prompt_embedding_step_remakes_the_file_for_an_existing_checkpoint(bundl
     torch.save(state, models / "model.pt")
     with pytest.raises(RuntimeError) as refused:
         _run(
-            _workflow(
-                bundle_root,
-                ("train.json", "demo.json", "prompt_embeddings.json"),
-                None,
-                **dict(common, ckpt_dir=str(models)),
+            bundle_workflow(
+                ("train.json", "demo.json", "prompt_embeddings.json"), None, **dict(common, ckpt_dir=str(models))
             )
         )
     assert "not from one checkpoint" in str(refused.value.__cause__)
 
 
-def test_training_never_overwrites_checkpoints_of_another_configuration(bundle_root, trained, tmp_path):
+def test_training_never_overwrites_checkpoints_of_another_configuration(trained, tmp_path):
     import shutil
 
     tmp, common = trained
@@ -181,18 +171,18 @@ def test_training_never_overwrites_checkpoints_of_another_configuration(bundle_r
     stamps = {p.name: p.stat().st_mtime_ns for p in models.iterdir()}
     other = dict(common, ckpt_dir=str(models), embed_dim=32, max_epochs=1)
     with pytest.raises(RuntimeError) as refused:
-        _run(_workflow(bundle_root, ("train.json", "demo.json"), "train", **other))
+        _run(bundle_workflow(("train.json", "demo.json"), "train", **other))
     message = str(refused.value.__cause__)
     assert "embed_dim: trained 64, this run 32" in message and f"--ckpt_dir {models}/run-" in message
     assert {p.name: p.stat().st_mtime_ns for p in models.iterdir()} == stamps  # nothing written
     # released weights without a record are protected too
     (models / "train_config.json").unlink()
     with pytest.raises(RuntimeError) as refused:
-        _run(_workflow(bundle_root, ("train.json", "demo.json"), "train", **dict(common, ckpt_dir=str(models))))
+        _run(bundle_workflow(("train.json", "demo.json"), "train", **dict(common, ckpt_dir=str(models))))
     assert "without a train_config.json" in str(refused.value.__cause__)
 
 
-def test_same_weights_with_another_schedule_is_not_refused(bundle_root, trained, tmp_path):
+def test_same_weights_with_another_schedule_is_not_refused(trained, tmp_path):
     """The guard compares what defines the weights only: a resume or rerun with more epochs, another learning
     rate or batch size passes it and updates the record's settings."""
     import shutil
@@ -209,7 +199,7 @@ def test_same_weights_with_another_schedule_is_not_refused(bundle_root, trained,
     assert json.loads((models / "train_config.json").read_text())["settings"]["max_epochs"] == 9
 
 
-def test_a_checkpoint_is_refused_with_a_configuration_that_lacks_its_heads(bundle_root, tmp_path, tiny_bert_dir):
+def test_a_checkpoint_is_refused_with_a_configuration_that_lacks_its_heads(tmp_path, tiny_bert_dir):
     """Trained with configs/ablation.json, evaluated or run without it: refused, naming heads and overrides."""
     from scripts.run_record import check_checkpoint_config, claim_ckpt_dir
 

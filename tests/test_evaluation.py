@@ -20,7 +20,7 @@ CONFIGS = ("train.json", "demo.json", "ablation.json", "evaluate.json")
 LIVER = 5
 
 
-def _evaluate(bundle_root, tmp_path, checkpoint, **override) -> dict:
+def _evaluate(tmp_path, checkpoint, **override) -> dict:
     workflow = bundle_workflow(
         CONFIGS,
         "infer",
@@ -38,7 +38,7 @@ def _evaluate(bundle_root, tmp_path, checkpoint, **override) -> dict:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(bundle_root, tmp_path_factory):
+def checkpoint(tmp_path_factory):
     """An (untrained) demo-size CLIP model with region, local, segmentation and finding heads, saved
     the way training saves ``model_clip.pt``."""
     parser = bundle_parser(*CONFIGS)
@@ -49,8 +49,8 @@ def checkpoint(bundle_root, tmp_path_factory):
     return path
 
 
-def test_evaluation_on_the_sample_writes_every_metric(bundle_root, tmp_path, checkpoint, sample_dir):
-    report = _evaluate(bundle_root, tmp_path, checkpoint)
+def test_evaluation_on_the_sample_writes_every_metric(tmp_path, checkpoint, sample_dir):
+    report = _evaluate(tmp_path, checkpoint)
     assert report["cases"] == 20 and report["cases_not_evaluated"] == []
     for direction in ("image_to_text", "text_to_image"):
         entry = report["retrieval"][direction]
@@ -79,16 +79,16 @@ def test_evaluation_on_the_sample_writes_every_metric(bundle_root, tmp_path, che
         assert saved.shape == ct.shape and np.allclose(saved.affine, ct.affine)
         first[kind] = np.asanyarray(saved.dataobj)
         assert np.isfinite(first[kind]).all() and np.abs(first[kind]).max() > 0
-    _evaluate(bundle_root, tmp_path, checkpoint)  # second run: every case from the cache
+    _evaluate(tmp_path, checkpoint)  # second run: every case from the cache
     for kind, values in first.items():
         assert np.allclose(
             np.asanyarray(nib.load(tmp_path / f"eval/maps/{item['study']}_{kind}.nii.gz").dataobj), values
         )
 
 
-def test_evaluation_on_the_ct_rate_layout_defines_what_the_labels_allow(bundle_root, tmp_path, checkpoint, ctrate_root):
+def test_evaluation_on_the_ct_rate_layout_defines_what_the_labels_allow(tmp_path, checkpoint, ctrate_root):
     report = _evaluate(
-        bundle_root, tmp_path, checkpoint, dataset_dir=str(ctrate_root / "dataset"), seg_dir=str(ctrate_root / "seg"),
+        tmp_path, checkpoint, dataset_dir=str(ctrate_root / "dataset"), seg_dir=str(ctrate_root / "seg"),
         missing_seg="no_regions", eval_section="training", hu_air_check=True, num_maps=0,
     )  # fmt: skip
     per_class = report["zero_shot"]["per_class"]
@@ -116,7 +116,7 @@ def test_non_finite_numbers_are_written_as_null_and_named():
     json.dumps(clean, allow_nan=False)
 
 
-def test_map_peak_lands_in_the_named_region_on_the_ct_grid(bundle_root, sample_datalist, sample_dir, tmp_path):
+def test_map_peak_lands_in_the_named_region_on_the_ct_grid(sample_datalist, sample_dir, tmp_path):
     """A map that peaks at the patch with the most liver comes back onto the CT file inside its liver."""
     parser = bundle_parser(*CONFIGS)
     item = max(
@@ -164,7 +164,7 @@ def test_prompt_templates_file(bundle_root, tmp_path):
 
 def test_two_process_evaluation_equals_one_process(bundle_root, tmp_path, checkpoint):
     """torchrun with two CPU processes (gloo, uneven batches): the same metrics as one process (this one)."""
-    one = _evaluate(bundle_root, tmp_path, checkpoint, num_maps=0, batch_size=3)
+    one = _evaluate(tmp_path, checkpoint, num_maps=0, batch_size=3)
     configs = [str(bundle_root / "configs" / c) for c in CONFIGS + ("multi_gpu_evaluate.json",)]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run",
                "--config_file", str(configs), "--eval_checkpoint", str(checkpoint), "--cache_dir", str(tmp_path / "cache"),
@@ -189,7 +189,7 @@ def _same(a, b, tol: float = 1e-5) -> bool:
     return a == b
 
 
-def test_a_case_refused_while_loading_is_listed_not_silently_dropped(bundle_root, tmp_path, checkpoint, sample_dir):
+def test_a_case_refused_while_loading_is_listed_not_silently_dropped(tmp_path, checkpoint, sample_dir):
     validation = json.loads((sample_dir / "datalist.json").read_text())["validation"][:4]
     items = [dict(it, image=str(sample_dir / it["image"]), seg=str(sample_dir / it["seg"])) for it in validation]
     corrupt = tmp_path / "corrupt.nii.gz"
@@ -199,7 +199,7 @@ def test_a_case_refused_while_loading_is_listed_not_silently_dropped(bundle_root
     data_dir.mkdir()
     (data_dir / "datalist.json").write_text(json.dumps({"validation": items}))
     report = _evaluate(
-        bundle_root, tmp_path, checkpoint, dataset_dir=str(data_dir), num_maps=0, max_bad_fraction=0.25
+        tmp_path, checkpoint, dataset_dir=str(data_dir), num_maps=0, max_bad_fraction=0.25
     )  # 1 of 4 refused: within 0.25 (the default 0.1 stops; no floor)
     assert report["cases"] == 3
     assert [(c["case_index"], c["case_id"]) for c in report["cases_not_evaluated"]] == [(1, "broken")]

@@ -17,7 +17,6 @@ import pytest
 import torch
 from conftest import bundle_workflow
 from ignite.engine import Events
-from monai.bundle import ConfigWorkflow
 
 CONFIGS = ("train.json", "demo.json")
 # 16 training crops in batches of 4: 4 steps per epoch; a tiny encoder and text tower
@@ -44,13 +43,9 @@ def _overrides(small_sample, tiny_bert_dir, demo_cache_dir, ckpt_dir, **override
                 ckpt_dir=str(ckpt_dir), log_dir=str(Path(ckpt_dir).parent / "logs"), **override)  # fmt: skip
 
 
-def _workflow(bundle_root, overrides: dict) -> ConfigWorkflow:
-    return bundle_workflow(CONFIGS, "train", **overrides)
-
-
-def _train(bundle_root, overrides: dict, fail_at: int | None = None) -> dict:
+def _train(overrides: dict, fail_at: int | None = None) -> dict:
     """Run the training workflow in this process; return per-step learning rates and losses."""
-    workflow = _workflow(bundle_root, overrides)
+    workflow = bundle_workflow(CONFIGS, "train", **overrides)
     workflow.initialize()
     trainer = workflow.parser.get_parsed_content("train#trainer")
     optimizer = workflow.parser.get_parsed_content("optimizer")
@@ -111,14 +106,14 @@ def _assert_same_training_state(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(bundle_root, small_sample, tiny_bert_dir, demo_cache_dir, tmp_path_factory) -> tuple[dict, Path]:
+def uninterrupted(small_sample, tiny_bert_dir, demo_cache_dir, tmp_path_factory) -> tuple[dict, Path]:
     """A 3-epoch run that nothing stops: its per-step learning rates and losses, and its checkpoint folder."""
     ckpt = tmp_path_factory.mktemp("uninterrupted") / "models"
-    return _train(bundle_root, _overrides(small_sample, tiny_bert_dir, demo_cache_dir, ckpt, max_epochs=3)), ckpt
+    return _train(_overrides(small_sample, tiny_bert_dir, demo_cache_dir, ckpt, max_epochs=3)), ckpt
 
 
 def test_resume_after_an_exception_mid_epoch_equals_the_uninterrupted_run(
-    bundle_root, small_sample, tiny_bert_dir, demo_cache_dir, tmp_path, uninterrupted
+    small_sample, tiny_bert_dir, demo_cache_dir, tmp_path, uninterrupted
 ):
     """The exception saves ``model_clip.pt`` at step 7 (epoch 2 of 3); the resume continues with the rest of
     epoch 2's data order, the random crops and the RNG streams, and ends bitwise where a run without the
@@ -128,31 +123,26 @@ def test_resume_after_an_exception_mid_epoch_equals_the_uninterrupted_run(
 
     stopped_at = tmp_path / "stopped"
     with pytest.raises(RuntimeError) as stopped:
-        _train(
-            bundle_root, _overrides(small_sample, tiny_bert_dir, demo_cache_dir, stopped_at, max_epochs=3), fail_at=7
-        )
+        _train(_overrides(small_sample, tiny_bert_dir, demo_cache_dir, stopped_at, max_epochs=3), fail_at=7)
     assert "simulated" in str(stopped.value.__cause__)  # MONAI's config runner wraps the run's exception
     saved = _state(stopped_at / "model_clip.pt")  # written when the exception stopped the run
     assert saved["trainer"]["iteration"] == 7 and saved["run_state"]["data_order"]["batches_done_in_epoch"] == 3
     assert latest_resume_checkpoint(stopped_at) == str(stopped_at / "model_clip.pt")  # newer than epoch 1's file
-    resumed = _train(bundle_root, _overrides(small_sample, tiny_bert_dir, demo_cache_dir, stopped_at, max_epochs=3,
-                                             resume=True))  # fmt: skip
+    resumed = _train(_overrides(small_sample, tiny_bert_dir, demo_cache_dir, stopped_at, max_epochs=3, resume=True))
     assert sorted(resumed["loss"]) == [8, 9, 10, 11, 12]
     assert all(resumed["loss"][i] == plain["loss"][i] for i in resumed["loss"]), (resumed["loss"], plain["loss"])
     _assert_same_training_state(plain_dir, stopped_at)
 
 
 def test_extending_a_finished_run_follows_the_longer_schedule(
-    bundle_root, small_sample, tiny_bert_dir, demo_cache_dir, tmp_path, resume_log, uninterrupted
+    small_sample, tiny_bert_dir, demo_cache_dir, tmp_path, resume_log, uninterrupted
 ):
     """Issue 10 item 6: 2 epochs, then ``--resume True --max_epochs 3``: the schedule is the 3-epoch one from
     step 8 on (it never wraps back up to the peak), the change is logged, and a second resume has nothing left."""
     ckpt = tmp_path / "models"
-    first = _train(bundle_root, _overrides(small_sample, tiny_bert_dir, demo_cache_dir, ckpt, max_epochs=2))
+    first = _train(_overrides(small_sample, tiny_bert_dir, demo_cache_dir, ckpt, max_epochs=2))
     assert sorted(first["lr"]) == list(range(1, 9))
-    extended = _train(
-        bundle_root, _overrides(small_sample, tiny_bert_dir, demo_cache_dir, ckpt, max_epochs=3, resume=True)
-    )
+    extended = _train(_overrides(small_sample, tiny_bert_dir, demo_cache_dir, ckpt, max_epochs=3, resume=True))
     assert "max_epochs 2 -> 3" in resume_log.text and "total_steps 8 -> 12" in resume_log.text
     # the learning rate of each step equals a fresh 3-epoch run's (peak 5e-4 at step 2, cosine to 0 at 12)
     fresh = uninterrupted[0]
@@ -161,18 +151,16 @@ def test_extending_a_finished_run_follows_the_longer_schedule(
     steps = [extended["lr"][i] for i in sorted(extended["lr"])]
     assert steps == sorted(steps, reverse=True) and max(steps) < 0.5 * 5e-4
     resume_log.text = ""
-    again = _train(
-        bundle_root, _overrides(small_sample, tiny_bert_dir, demo_cache_dir, ckpt, max_epochs=3, resume=True)
-    )
+    again = _train(_overrides(small_sample, tiny_bert_dir, demo_cache_dir, ckpt, max_epochs=3, resume=True))
     assert again["lr"] == {} and "all 3 epochs are already done, nothing left to do" in resume_log.text
     with pytest.raises(RuntimeError) as fewer:
-        _train(bundle_root, _overrides(small_sample, tiny_bert_dir, demo_cache_dir, ckpt, max_epochs=2, resume=True))
+        _train(_overrides(small_sample, tiny_bert_dir, demo_cache_dir, ckpt, max_epochs=2, resume=True))
     assert "trained 3 epochs and max_epochs is now 2" in str(fewer.value.__cause__)
 
     # a new batch size at an epoch boundary: counters rescaled to the new epoch length, schedule recomputed
     resume_log.text = ""
-    rescaled = _train(bundle_root, _overrides(small_sample, tiny_bert_dir, demo_cache_dir, ckpt, max_epochs=4, batch_size=8,
-                                              learning_rate=1e-3, resume=True))  # fmt: skip
+    rescaled = _train(_overrides(small_sample, tiny_bert_dir, demo_cache_dir, ckpt, max_epochs=4, batch_size=8,
+                                 learning_rate=1e-3, resume=True))  # fmt: skip
     assert "batch_size 4 -> 8" in resume_log.text and "epoch_length 4 -> 2" in resume_log.text
     assert "learning_rates [0.0005, 0.0005] -> [0.001, 0.001]" in resume_log.text
     assert sorted(rescaled["lr"]) == [7, 8]  # 3 epochs of 2 steps done, epoch 4 = steps 7 and 8
@@ -183,22 +171,22 @@ def test_extending_a_finished_run_follows_the_longer_schedule(
 
 
 def test_a_changed_epoch_length_in_the_middle_of_an_epoch_is_refused(
-    bundle_root, small_sample, tiny_bert_dir, demo_cache_dir, tmp_path
+    small_sample, tiny_bert_dir, demo_cache_dir, tmp_path
 ):
     ckpt = tmp_path / "models"
     with pytest.raises(RuntimeError):
-        _train(bundle_root, _overrides(small_sample, tiny_bert_dir, demo_cache_dir, ckpt, max_epochs=2, val_interval=5),
+        _train(_overrides(small_sample, tiny_bert_dir, demo_cache_dir, ckpt, max_epochs=2, val_interval=5),
                fail_at=3)  # fmt: skip
     with pytest.raises(RuntimeError) as refused:
-        _train(bundle_root, _overrides(small_sample, tiny_bert_dir, demo_cache_dir, ckpt, max_epochs=2, val_interval=5,
-                                       batch_size=8, resume=True))  # fmt: skip
+        _train(_overrides(small_sample, tiny_bert_dir, demo_cache_dir, ckpt, max_epochs=2, val_interval=5,
+                          batch_size=8, resume=True))  # fmt: skip
     message = str(refused.value.__cause__)
     assert "stopped after batch 3 of 4 in epoch 1" in message and "batch_size 4 -> 8" in message
     assert "epoch_length 4 -> 2" in message
     assert "model_clip_checkpoint_epoch=N.pt" in message
 
 
-def _cli(bundle_root, overrides: dict, *extra_configs: str) -> list[str]:
+def _cli(overrides: dict, *extra_configs: str) -> list[str]:
     configs = [f"configs/{c}" for c in CONFIGS] + list(extra_configs)
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", repr(configs)]
     for key, value in overrides.items():
@@ -226,12 +214,12 @@ def test_sigkill_mid_epoch_then_the_same_command_with_resume_equals_an_uninterru
     }))  # fmt: skip
     killed_dir = tmp_path / "killed"
     killed_args = _overrides(small_sample, tiny_bert_dir, demo_cache_dir, killed_dir, max_epochs=3)
-    killed = subprocess.run(_cli(bundle_root, killed_args, str(kill)), cwd=bundle_root, capture_output=True, text=True)
+    killed = subprocess.run(_cli(killed_args, str(kill)), cwd=bundle_root, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (killed_dir / "model_clip.pt").exists()  # a kill leaves only the per-epoch file
     assert [p.name for p in killed_dir.glob("model_clip_checkpoint_epoch=*.pt")] == ["model_clip_checkpoint_epoch=2.pt"]
 
-    resumed = subprocess.run(_cli(bundle_root, dict(killed_args, resume=True)), cwd=bundle_root, capture_output=True,
+    resumed = subprocess.run(_cli(dict(killed_args, resume=True)), cwd=bundle_root, capture_output=True,
                              text=True)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 mlflow = pytest.importorskip("mlflow")
 
 
-def _workflow(bundle_root, tmp_path, tiny_bert_dir, configs, **override) -> ConfigWorkflow:
+def _workflow(tmp_path, tiny_bert_dir, configs, **override) -> ConfigWorkflow:
     return bundle_workflow(
         configs,
         "train",
@@ -28,8 +28,8 @@ def _workflow(bundle_root, tmp_path, tiny_bert_dir, configs, **override) -> Conf
     )
 
 
-def test_mlflow_tracks_training_and_evaluation(bundle_root, tiny_bert_dir, tmp_path, capfd):
-    train = _workflow(bundle_root, tmp_path, tiny_bert_dir, ("train.json", "demo.json"), max_epochs=1, val_interval=1)
+def test_mlflow_tracks_training_and_evaluation(tiny_bert_dir, tmp_path, capfd):
+    train = _workflow(tmp_path, tiny_bert_dir, ("train.json", "demo.json"), max_epochs=1, val_interval=1)
     train.initialize()
     train.run()
     train.finalize()
@@ -38,7 +38,6 @@ def test_mlflow_tracks_training_and_evaluation(bundle_root, tiny_bert_dir, tmp_p
     assert re.search(r"Iteration: \[[1-8]/8\]", capfd.readouterr().err)
 
     evaluate = _workflow(
-        bundle_root,
         tmp_path,
         tiny_bert_dir,
         ("train.json", "demo.json", "evaluate.json"),
@@ -78,7 +77,7 @@ def test_mlflow_tracks_training_and_evaluation(bundle_root, tiny_bert_dir, tmp_p
     assert {"evaluation/recall_at_k", "evaluation/slice_bias_first_block"} <= tags["images"]
 
 
-def test_mlflow_tracks_inference(bundle_root, sample_dir, tmp_path):
+def test_mlflow_tracks_inference(sample_dir, tmp_path):
     import torch
 
     cases = tmp_path / "cases"

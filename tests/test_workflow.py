@@ -15,7 +15,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
 
 
-def _workflow(bundle_root, tmp_path, configs=("train.json", "demo.json"), **override) -> ConfigWorkflow:
+def _workflow(tmp_path, configs=("train.json", "demo.json"), **override) -> ConfigWorkflow:
     return bundle_workflow(
         configs,
         "train",
@@ -26,9 +26,9 @@ def _workflow(bundle_root, tmp_path, configs=("train.json", "demo.json"), **over
     )
 
 
-def test_train_config_has_every_required_property(bundle_root, sample_dir, tiny_bert_dir, tmp_path):
+def test_train_config_has_every_required_property(sample_dir, tiny_bert_dir, tmp_path):
     workflow = _workflow(
-        bundle_root, tmp_path, configs=("train.json",), dataset_dir=str(sample_dir), text_model_name=str(tiny_bert_dir)
+        tmp_path, configs=("train.json",), dataset_dir=str(sample_dir), text_model_name=str(tiny_bert_dir)
     )
     workflow.initialize()
     assert workflow.check_properties() == []
