@@ -19,7 +19,7 @@ DICOM_SERIES = DATA / "dicom/upper_abdomen_series"
 DICOM_MASK = DATA / "dicom/upper_abdomen_series_seg.nii.gz"
 
 
-def _inference_workflow(bundle_root, tmp_path, **override) -> ConfigWorkflow:
+def _inference_workflow(tmp_path, **override) -> ConfigWorkflow:
     return bundle_workflow(
         ("inference.json", "demo.json"),
         "infer",
@@ -37,13 +37,13 @@ def _random_weights(workflow: ConfigWorkflow, tmp_path) -> torch.nn.Module:
     return net
 
 
-def test_inference_config_has_every_required_property_and_embeds_the_sample(bundle_root, sample_dir, tmp_path):
+def test_inference_config_has_every_required_property_and_embeds_the_sample(sample_dir, tmp_path):
     cases = tmp_path / "cases"
     (cases / "seg").mkdir(parents=True)
     for name in ("abdomen_00", "upper_abdomen_dicom_00"):
         (cases / f"{name}.nii.gz").write_bytes((sample_dir / f"ct/{name}.nii.gz").read_bytes())
     (cases / "seg/abdomen_00.nii.gz").write_bytes((sample_dir / "seg/abdomen_00.nii.gz").read_bytes())
-    workflow = _inference_workflow(bundle_root, tmp_path, dataset_dir=str(cases))
+    workflow = _inference_workflow(tmp_path, dataset_dir=str(cases))
     workflow.initialize()
     assert workflow.check_properties() == []
     net = _random_weights(workflow, tmp_path)
@@ -70,9 +70,7 @@ def _train_window_input(parser_train, item: dict) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("with_mask", [True, False])
-def test_preprocessing_gives_the_network_input_of_training_validation_and_evaluation(
-    bundle_root, sample_dir, tmp_path, with_mask
-):
+def test_preprocessing_gives_the_network_input_of_training_validation_and_evaluation(sample_dir, tmp_path, with_mask):
     """NIfTI in RAS and LPS (mask in LAS) and a DICOM series: the stock-MONAI `preprocessing` of inference.json,
     the workflow's chain with the bundle's checks around it, training validation and evaluation all give
     one tensor; with only ``image`` the label channel is all zeros."""
@@ -202,7 +200,7 @@ def test_dicom_folders_with_several_series_gaps_or_tilt_are_refused_by_name(tmp_
         check_dicom_series(single)
 
 
-def test_inference_run_writes_good_cases_on_their_own_grid_and_lists_refused_ones(bundle_root, sample_dir, tmp_path):
+def test_inference_run_writes_good_cases_on_their_own_grid_and_lists_refused_ones(sample_dir, tmp_path):
     """A folder as a user has it: a DICOM series with its mask, a NIfTI with its mask, a folder of two series,
     a broken file and two files sharing a case id. Good cases are written, maps on the input's own grid; the
     others are listed in refused.json with their reason, and the run goes on."""
@@ -222,7 +220,7 @@ def test_inference_run_writes_good_cases_on_their_own_grid_and_lists_refused_one
     (cases / "broken.nii.gz").write_bytes(b"not a nifti file")
     second = _series_copy(cases / "two_series")
     _edit(second[0], cases / "two_series/other.dcm", SeriesInstanceUID=generate_uid())
-    workflow = _inference_workflow(bundle_root, tmp_path, dataset_dir=str(cases))
+    workflow = _inference_workflow(tmp_path, dataset_dir=str(cases))
     workflow.initialize()
     _random_weights(workflow, tmp_path)
     workflow.run()
@@ -257,14 +255,14 @@ def test_inference_run_writes_good_cases_on_their_own_grid_and_lists_refused_one
     assert mode["embeddings.safetensors"] == mode["case.json"]
 
 
-def test_a_run_whose_every_case_is_refused_fails_after_listing_them(bundle_root, tmp_path):
+def test_a_run_whose_every_case_is_refused_fails_after_listing_them(tmp_path):
     """Nothing written is not a success: the run lists the refused case, then raises (non-zero exit)."""
     from scripts.errors import cause_line
 
     cases = tmp_path / "cases"
     cases.mkdir()
     (cases / "empty.nii.gz").write_bytes(b"")
-    workflow = _inference_workflow(bundle_root, tmp_path, dataset_dir=str(cases))
+    workflow = _inference_workflow(tmp_path, dataset_dir=str(cases))
     workflow.initialize()
     _random_weights(workflow, tmp_path)
     with pytest.raises(RuntimeError) as info:  # MONAI's wrapper around the bundle's error
@@ -343,13 +341,14 @@ def test_seg_source_totalsegmentator_says_how_to_install_it(monkeypatch):
     assert check_seg_source("none") == "none"
 
 
-def test_seg_source_totalsegmentator_segments_a_series_without_mask(bundle_root, tmp_path, monkeypatch):
+def test_seg_source_totalsegmentator_segments_a_series_without_mask(tmp_path, monkeypatch):
     """TotalSegmentator's Python API (replaced here by a stand-in that returns the series' real mask) gets the CT
     as the bundle read it; its mask is saved with the case, checked against the CT grid and used."""
     import sys
     import types
 
     import nibabel as nib
+    from scripts.data.label_maps import read_label_table
 
     weights = tmp_path / "totalseg_weights"
     (weights / "Dataset291_TotalSegmentator_part1_organs_1559subj").mkdir(parents=True)
@@ -357,7 +356,7 @@ def test_seg_source_totalsegmentator_segments_a_series_without_mask(bundle_root,
 
     def totalsegmentator(image, output=None, ml=False, task="total", quiet=False, device="gpu"):
         calls.append((image.shape, output, ml, task))
-        return nib.load(DICOM_MASK)
+        return nib.load(DICOM_MASK)  # a real TotalSegmentator 2.x mask: its label table in the header
 
     package = types.ModuleType("totalsegmentator")
     package.python_api = types.SimpleNamespace(totalsegmentator=totalsegmentator)
@@ -366,7 +365,7 @@ def test_seg_source_totalsegmentator_segments_a_series_without_mask(bundle_root,
         monkeypatch.setitem(sys.modules, f"totalsegmentator{name}", module)
     cases = tmp_path / "cases"
     _series_copy(cases / "series_without_mask")
-    workflow = _inference_workflow(bundle_root, tmp_path, dataset_dir=str(cases), seg_source="totalsegmentator")
+    workflow = _inference_workflow(tmp_path, dataset_dir=str(cases), seg_source="totalsegmentator")
     workflow.initialize()
     _random_weights(workflow, tmp_path)
     workflow.run()
@@ -374,10 +373,13 @@ def test_seg_source_totalsegmentator_segments_a_series_without_mask(bundle_root,
     assert calls == [((512, 512, 12), None, True, "total")]
     record = json.loads((tmp_path / "out/series_without_mask/case.json").read_text())
     assert record["seg_source"] == "totalsegmentator" and "liver_gallbladder" in record["regions_present"]
-    assert (tmp_path / "out/series_without_mask/totalsegmentator_total.nii.gz").is_file()
+    saved = tmp_path / "out/series_without_mask/totalsegmentator_total.nii.gz"
+    table = read_label_table(str(saved))  # kept, so the label check can verify the ids
+    assert table is not None and table == read_label_table(str(DICOM_MASK))
+    assert nib.load(saved).get_data_dtype() == np.uint8
 
 
-def test_datalist_input_with_its_own_case_ids(bundle_root, sample_dir, tmp_path):
+def test_datalist_input_with_its_own_case_ids(sample_dir, tmp_path):
     from scripts.inference import find_cases
 
     (tmp_path / "list").mkdir()

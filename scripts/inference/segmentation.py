@@ -88,6 +88,9 @@ class TotalSegmentatord(MapTransform):
         path.parent.mkdir(parents=True, exist_ok=True)
         logger.info(f"{d['case_id']}: running TotalSegmentator (task total) on {d['image']}")
         mask = totalsegmentator(ct_image, None, ml=True, task="total", quiet=True, device=self.device)
-        nib.save(nib.Nifti1Image(np.asarray(mask.dataobj).astype(np.uint8), mask.affine), path)
+        # TotalSegmentator's own header, label table extension included, so the label check can verify the ids
+        saved = nib.Nifti1Image(np.asarray(mask.dataobj).astype(np.uint8), mask.affine, mask.header)
+        saved.set_data_dtype(np.uint8)
+        nib.save(saved, path)
         d["seg"] = d["input_mask"] = str(path)
         return d
